@@ -1,0 +1,27 @@
+# `make demo` and `make test` each install what they need into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EPS := 0 2/255 4/255 8/255 16/255 32/255
+
+.PHONY: install demo test clean-venv
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+## Train a small classifier and segmenter on the synthetic sample, then sweep PGD on both.
+demo: install
+	$(PY) train.py --task classification --depth 18 --epochs 6
+	$(PY) main.py --task classification --attack pgd --eps-list $(EPS) --limit 64
+	$(PY) train.py --task segmentation --depth 18 --epochs 6
+	$(PY) main.py --task segmentation --attack pgd --eps-list $(EPS) --limit 32
+
+test: install
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,112 @@
+"""Metrics against hand-computed cases and an independent (set-based, per-class loop) computation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from utils import (ConfusionMatrix, classification_metrics, confusion_matrix, parse_fraction,
+                   segmentation_metrics)
+
+CLASSES = ["a", "b", "c"]
+
+
+def test_confusion_matrix_hand_case():
+    target = torch.tensor([0, 0, 1, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 2])
+    expected = torch.tensor([[1, 1, 0], [0, 2, 1], [0, 0, 1]])
+    assert torch.equal(confusion_matrix(target, pred, 3), expected)
+
+
+def test_classification_metrics_hand_case():
+    # class a: 1/2 recalled, b: 2/3, c: 1/1 -> accuracy 4/6, balanced (1/2 + 2/3 + 1) / 3
+    cm = torch.tensor([[1, 1, 0], [0, 2, 1], [0, 0, 1]])
+    m = classification_metrics(cm, CLASSES)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert m["recall_a"] == pytest.approx(0.5)
+    assert m["recall_b"] == pytest.approx(2 / 3)
+
+
+def test_balanced_accuracy_ignores_absent_classes_and_marks_them_nan():
+    cm = torch.tensor([[3, 1, 0], [0, 0, 0], [1, 0, 1]])
+    m = classification_metrics(cm, CLASSES)
+    assert math.isnan(m["recall_b"])
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+
+
+def test_segmentation_metrics_hand_case():
+    # 1x2x3 masks: target [[0,1,2],[2,2,1]], pred [[0,1,1],[2,0,1]]
+    target = torch.tensor([[[0, 1, 2], [2, 2, 1]]])
+    pred = torch.tensor([[[0, 1, 1], [2, 0, 1]]])
+    m = segmentation_metrics(confusion_matrix(target, pred, 3))
+    # cytoplasm: TP 2, FP 1, FN 0 -> Dice 4/5, IoU 2/3 ; nucleus: TP 1, FP 0, FN 2 -> Dice 2/4, IoU 1/3
+    assert m["pixel_accuracy"] == pytest.approx(4 / 6)
+    assert m["dice_cytoplasm"] == pytest.approx(4 / 5)
+    assert m["iou_cytoplasm"] == pytest.approx(2 / 3)
+    assert m["dice_nucleus"] == pytest.approx(0.5)
+    assert m["iou_nucleus"] == pytest.approx(1 / 3)
+    assert m["dice_mean"] == pytest.approx((4 / 5 + 0.5) / 2)
+    assert m["iou_mean"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+
+
+def _independent_dice_iou(target: np.ndarray, pred: np.ndarray, cls: int) -> tuple[float, float]:
+    t, p = target == cls, pred == cls
+    inter, union = np.logical_and(t, p).sum(), np.logical_or(t, p).sum()
+    return 2 * inter / (t.sum() + p.sum()), inter / union
+
+
+def test_split_level_accumulation_matches_independent_computation_not_batch_average():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 3, size=(7, 9, 11))
+    pred = np.where(rng.random(target.shape) < 0.7, target, rng.integers(0, 3, size=target.shape))
+    pred[0] = 0  # a batch that is very different from the others
+    cm = ConfusionMatrix(3)
+    for start in range(0, 7, 3):  # batches of 3, 3, 1
+        cm.update(torch.from_numpy(target[start:start + 3]), torch.from_numpy(pred[start:start + 3]))
+    m = segmentation_metrics(cm.mat)
+    for cls, name in [(1, "cytoplasm"), (2, "nucleus")]:
+        dice, iou = _independent_dice_iou(target, pred, cls)
+        assert m[f"dice_{name}"] == pytest.approx(dice)
+        assert m[f"iou_{name}"] == pytest.approx(iou)
+    assert m["pixel_accuracy"] == pytest.approx((target == pred).mean())
+    batch_mean = np.mean([_independent_dice_iou(target[s:s + 3], pred[s:s + 3], 2)[0] for s in (0, 3, 6)])
+    assert m["dice_nucleus"] != pytest.approx(batch_mean)
+
+
+def test_classification_matches_per_class_loop():
+    rng = np.random.default_rng(1)
+    target = rng.integers(0, 5, size=200)
+    pred = np.where(rng.random(200) < 0.6, target, rng.integers(0, 5, size=200))
+    names = list("vwxyz")
+    m = classification_metrics(confusion_matrix(torch.from_numpy(target), torch.from_numpy(pred), 5), names)
+    recalls = [(pred[target == c] == c).mean() for c in range(5)]
+    assert m["accuracy"] == pytest.approx((pred == target).mean())
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    for name, recall in zip(names, recalls):
+        assert m[f"recall_{name}"] == pytest.approx(recall)
+
+
+def test_ignore_index_is_skipped():
+    cm = confusion_matrix(torch.tensor([0, 255, 1]), torch.tensor([0, 1, 1]), 3)
+    assert cm.sum() == 2
+
+
+def test_absent_class_dice_is_nan_not_zero():
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :2] = 1
+    m = segmentation_metrics(confusion_matrix(target, target, 3))
+    assert m["dice_cytoplasm"] == 1.0
+    assert math.isnan(m["dice_nucleus"])
+    assert m["dice_mean"] == 1.0
+
+
+@pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.03", 0.03), ("0", 0.0), (" 1/2 ", 0.5)])
+def test_parse_fraction(text, value):
+    assert parse_fraction(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["abc", "1/0", "nan", "", "8/"])
+def test_parse_fraction_rejects_junk(text):
+    with pytest.raises((ValueError, ZeroDivisionError)):
+        parse_fraction(text)

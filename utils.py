@@ -1,0 +1,289 @@
+"""Small shared utilities: errors and the CLI wrapper, atomic writes, devices, seeding,
+distributed helpers and the metrics (all computed from confusion matrices)."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+# --------------------------------------------------------------------------- errors
+class ToolError(Exception):
+    """An expected failure: printed as one line on stderr, never as a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(ToolError):
+    """Bad command-line arguments (exit code 2, like argparse)."""
+
+    exit_code = 2
+
+
+class DataError(ToolError):
+    """The data folder is missing, empty, corrupt or inconsistent."""
+
+
+class CheckpointError(ToolError):
+    """A checkpoint is missing, corrupt, unsafe or made for something else."""
+
+
+def run_cli(main: Callable[[Any], Any], args: Any) -> int:
+    """Run ``main(args)``; turn expected failures into one stderr line and an exit code.
+
+    ``--debug`` (``args.debug``) re-raises so the full traceback is visible.
+    """
+    try:
+        main(args)
+    except ToolError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; finished rows and checkpoints are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
+
+    If the body raises, the temporary file is removed and ``path`` keeps its old content.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise ToolError(f"cannot write to {path.parent} ({err.strerror}); "
+                        "choose a writable folder with --out") from err
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: Sequence[dict], fieldnames: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+    """Save a matplotlib figure atomically (format taken from the final name)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, **kwargs)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and make sure we can write into it, before any long work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ToolError(f"output folder {path} is not writable ({err.strerror}); "
+                        "pass a writable folder with --out") from err
+    return path
+
+
+# --------------------------------------------------------------------------- devices, seeds
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available; asking for CUDA without it is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but CUDA is not available; "
+                         "use --device cpu or --device auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def parse_fraction(text: str) -> float:
+    """Parse '8/255', '0.03' or '0' into a float; raises ValueError on anything else."""
+    num, sep, den = text.strip().partition("/")
+    value = float(num) / float(den) if sep else float(num)
+    if not np.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- distributed
+def init_distributed_mode(args: Any) -> None:
+    """Set ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``.
+
+    Under ``torchrun`` (RANK/WORLD_SIZE set) this joins the process group; otherwise it
+    falls back to a single process with rank 0, so every rank-aware write still works.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+        args.distributed = True
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(args.gpu)
+        torch.distributed.init_process_group(backend=backend, init_method="env://",
+                                             world_size=args.world_size, rank=args.rank)
+        torch.distributed.barrier()
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+
+
+def is_main_process(args: Any | None = None) -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return True
+
+
+def reduce_confusion(cm: torch.Tensor) -> torch.Tensor:
+    """Sum a confusion matrix over ranks (no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        cm = cm.clone()
+        torch.distributed.all_reduce(cm)
+    return cm
+
+
+# --------------------------------------------------------------------------- metrics
+def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Confusion matrix ``cm[true, pred]`` (int64, on CPU) over all elements of the tensors.
+
+    Works for class labels (N,) and segmentation masks (N, H, W) alike. Elements whose
+    target is outside ``[0, num_classes)`` (e.g. an ignore index) are skipped.
+    """
+    target = target.reshape(-1).to(torch.int64)
+    pred = pred.reshape(-1).to(torch.int64)
+    valid = (target >= 0) & (target < num_classes)
+    idx = target[valid] * num_classes + pred[valid]
+    cm = torch.bincount(idx, minlength=num_classes * num_classes)
+    return cm.reshape(num_classes, num_classes).cpu()
+
+
+class ConfusionMatrix:
+    """Accumulates a confusion matrix over a whole split (never an average of batch scores)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        self.mat += confusion_matrix(target, pred, self.num_classes)
+
+    def reduce_from_all_processes(self) -> None:
+        self.mat = reduce_confusion(self.mat)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Elementwise num/den with NaN where den == 0 (an undefined score, not a zero)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full_like(num, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def classification_metrics(cm: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy (mean recall over classes present) and per-class recall."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    recall = _safe_div(np.diag(cm), cm.sum(axis=1))
+    present = ~np.isnan(recall)
+    metrics = {
+        "accuracy": float(np.trace(cm) / total) if total else float("nan"),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+    }
+    for name, value in zip(class_names, recall):
+        metrics[f"recall_{name.lower()}"] = float(value)
+    return metrics
+
+
+def segmentation_metrics(cm: torch.Tensor | np.ndarray,
+                         class_names: Sequence[str] = ("background", "cytoplasm", "nucleus")) -> dict:
+    """Pixel accuracy; Dice and IoU per foreground class and their means.
+
+    Dice_c = 2 TP / (2 TP + FP + FN) and IoU_c = TP / (TP + FP + FN), counted over every
+    pixel of the split. Class 0 (background) is reported but left out of the means, as is
+    usual for WBC segmentation. A class absent from both target and prediction is NaN.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    dice = _safe_div(2 * tp, 2 * tp + fp + fn)
+    iou = _safe_div(tp, tp + fp + fn)
+    total = cm.sum()
+    metrics = {"pixel_accuracy": float(tp.sum() / total) if total else float("nan")}
+    for name, d, j in zip(class_names, dice, iou):
+        metrics[f"dice_{name}"] = float(d)
+        metrics[f"iou_{name}"] = float(j)
+    metrics["dice_mean"] = float(np.nanmean(dice[1:])) if np.isfinite(dice[1:]).any() else float("nan")
+    metrics["iou_mean"] = float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan")
+    return metrics
+
+
+def compute_metrics(task: str, cm: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> dict:
+    if task == "classification":
+        return classification_metrics(cm, class_names)
+    return segmentation_metrics(cm, class_names)
+
+
+def primary_metric(task: str) -> str:
+    """The metric used to pick ``best.pt`` and to draw the robustness curve."""
+    return "accuracy" if task == "classification" else "dice_mean"
