@@ -1,0 +1,300 @@
+"""Readers, mask thresholds, splits, transforms, datasets and loaders of dataset.py."""
+from __future__ import annotations
+
+import sys
+import types
+from collections import Counter
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset as D
+from conftest import cell_grey_mask, save_image
+
+
+# --------------------------------------------------------------------------- masks and images
+def test_mask_thresholds_at_the_boundaries():
+    grey = np.array([[0, 49, 50, 128, 200, 201, 255]], np.uint8)
+    expected = np.array([[0, 0, 1, 1, 1, 2, 2]], np.uint8)
+    labels = D.mask_to_labels(grey)
+    assert labels.dtype == np.uint8 and labels.shape == grey.shape
+    np.testing.assert_array_equal(labels, expected)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(D.mask_to_labels(rgb), expected)
+    rgba = np.concatenate([rgb, np.full_like(grey, 7)[:, :, None]], axis=2)
+    np.testing.assert_array_equal(D.mask_to_labels(rgba), expected)
+
+
+def test_jpeg_compressed_masks_keep_their_labels(tmp_path):
+    grey = cell_grey_mask(32, 32)  # round edges: the JPEG rings around them
+    expected = D.mask_to_labels(grey)
+    for mode in ("L", "RGB"):
+        path = save_image(tmp_path / f"mask_{mode}.jpg", np.repeat(grey[:, :, None], 3, 2), mode, quality=60)
+        decoded = np.asarray(Image.open(path))
+        assert not np.isin(decoded, (0, 128, 255)).all(), "the JPEG should add noise"
+        assert (D.load_mask(path) == expected).mean() > 0.98
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+def test_load_rgb_converts_every_mode_to_rgb_uint8(tmp_path, mode):
+    rgb = np.zeros((12, 20, 3), np.uint8)
+    rgb[:, 10:] = (200, 100, 50)
+    image = D.load_rgb(save_image(tmp_path / "x.png", rgb, mode))
+    assert image.shape == (12, 20, 3) and image.dtype == np.uint8
+    assert image[:, :10].max() <= 5 and image[:, 10:].mean() > 60  # dark left, bright right
+
+
+# --------------------------------------------------------------------------- finding samples
+def test_class_ids_are_fixed_when_a_folder_is_missing(classification_root):
+    samples = D.find_classification_samples(classification_root)
+    counts = Counter(label for _, label in samples)
+    # Monocyte (3) is missing and lymphocyte/ is lower case: ids still follow CLASS_NAMES.
+    assert counts == {0: 3, 1: 4, 2: 6, 4: 10}
+    assert D.CLASS_NAMES[3] == "Monocyte"
+    assert all(path.parent.name.lower() == D.CLASS_NAMES[label].lower() for path, label in samples)
+    assert [p.as_posix() for p, _ in samples] == sorted(p.as_posix() for p, _ in samples)
+    assert {p.suffix for p, _ in samples} == {".jpg", ".JPG", ".png", ".bmp"}
+
+
+def test_classification_ignores_other_files_and_folders(classification_root):
+    (classification_root / "Basophil" / "notes.txt").write_text("not an image")
+    (classification_root / "Basophil" / "._basophil_00.jpg").write_bytes(b"macOS resource fork")
+    (classification_root / "Unknown").mkdir()
+    save_image(classification_root / "Unknown" / "x.jpg", np.zeros((8, 8, 3), np.uint8))
+    assert len(D.find_classification_samples(classification_root)) == 23
+
+
+def test_classification_falls_back_to_grth_original(segmentation_root):
+    from_root = D.find_classification_samples(segmentation_root)
+    from_grth = D.find_classification_samples(segmentation_root / "GrTh")
+    assert from_root == from_grth
+    assert len(from_root) == 20 and all(p.parent.parent.name == "Original" for p, _ in from_root)
+
+
+def test_segmentation_pairs_by_class_and_stem(segmentation_root):
+    samples = D.find_segmentation_samples(segmentation_root)
+    assert len(samples) == 20
+    assert Counter(label for *_, label in samples) == {0: 2, 1: 3, 2: 4, 3: 3, 4: 8}
+    for image, mask, label in samples:
+        assert image.stem == mask.stem
+        assert image.parent.name == mask.parent.name == D.CLASS_NAMES[label]
+        assert mask.parent.parent.name == "Ground Truth"
+    assert any(image.suffix != mask.suffix for image, mask, _ in samples)
+    assert D.find_segmentation_samples(segmentation_root / "GrTh") == samples
+
+
+def test_segmentation_prefers_a_lossless_mask(segmentation_root):
+    truth = segmentation_root / "GrTh" / "Ground Truth" / "Basophil"
+    save_image(truth / "000.jpg", np.zeros((24, 24, 3), np.uint8))  # 000.png exists too
+    samples = D.find_segmentation_samples(segmentation_root)
+    assert samples[0][1] == truth / "000.png"
+
+
+# --------------------------------------------------------------------------- splits
+def _labels(counts):
+    return [label for label, n in enumerate(counts) for _ in range(n)]
+
+
+def test_split_is_deterministic_and_depends_on_the_seed():
+    labels = _labels([30, 40, 50, 20, 60])
+    assert D.stratified_split(labels, seed=3) == D.stratified_split(labels, seed=3)
+    assert D.stratified_split(labels, seed=3) != D.stratified_split(labels, seed=4)
+
+
+def test_split_has_no_overlap_and_covers_everything():
+    labels = _labels([30, 40, 1, 2, 60])
+    train, val, test = D.stratified_split(labels, seed=1)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert sorted(train + val + test) == list(range(len(labels)))
+    assert train == sorted(train) and val == sorted(val) and test == sorted(test)
+
+
+def test_split_is_stratified():
+    counts = [20, 40, 100, 60, 200]
+    labels = _labels(counts)
+    splits = D.stratified_split(labels, (0.7, 0.15, 0.15), seed=0)
+    for split, fraction in zip(splits, (0.7, 0.15, 0.15)):
+        per_class = Counter(labels[i] for i in split)
+        for label, n in enumerate(counts):
+            assert abs(per_class[label] - fraction * n) <= 1
+
+
+@pytest.mark.parametrize("n, sizes", [(1, (1, 0, 0)), (2, (1, 0, 1)), (3, (1, 1, 1)), (10, (7, 1, 2)), (176, (123, 26, 27))])
+def test_split_sizes_of_small_classes(n, sizes):
+    train, val, test = D.stratified_split([0] * n, seed=0)
+    assert (len(train), len(val), len(test)) == sizes
+
+
+def test_split_with_a_zero_fraction():
+    train, val, test = D.stratified_split(_labels([10, 3, 1]), (0.8, 0.0, 0.2), seed=0)
+    assert val == [] and len(train) + len(test) == 14
+
+
+# --------------------------------------------------------------------------- transforms
+def _square_scene(size=32):
+    image = np.full((size, size, 3), 30, np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    image[4:14, 6:20] = 250  # off centre, so flips and rotations move it
+    mask[4:14, 6:20] = 2
+    return image, mask
+
+
+def test_train_transform_moves_image_and_mask_together():
+    transform = D.build_transform("segmentation", 32, train=True)
+    image, mask = _square_scene()
+    positions = set()
+    for seed in range(40):
+        D.reseed_transform(transform, seed)
+        out = transform(image=image, mask=mask)
+        bright = out["image"].mean(0) > 0.5
+        nucleus = out["mask"] == 2
+        iou = (bright & nucleus).sum() / (bright | nucleus).sum()
+        assert iou > 0.8, f"seed {seed}: image and mask disagree (IoU {iou:.2f})"
+        positions.add(tuple(np.argwhere(nucleus.numpy()).mean(0).round()))
+    assert len(positions) > 4, "the augmentation should move the square"
+
+
+def test_flips_are_not_locked_together_after_reseed():
+    transform = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    image = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    outcomes = set()
+    for seed in range(30):
+        D.reseed_transform(transform, seed)
+        out = transform(image=image)["image"]
+        outcomes.add((bool(out[0, 0] in (3, 15)), bool(out[0, 0] in (12, 15))))
+    assert len(outcomes) == 4
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dataset_outputs(segmentation_root, classification_root, train):
+    seg = D.SegmentationDataset(D.find_segmentation_samples(segmentation_root),
+                                D.build_transform("segmentation", 16, train))
+    for i in range(len(seg)):  # includes the non-square images
+        image, mask = seg[i]
+        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert mask.shape == (16, 16) and mask.dtype == torch.int64
+        assert set(mask.unique().tolist()) <= {0, 1, 2}
+    cls = D.ClassificationDataset(D.find_classification_samples(classification_root),
+                                  D.build_transform("classification", 16, train))
+    image, label = cls[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 0
+    assert cls.labels == [label for _, label in cls.samples] and seg.labels[0] == 0
+
+
+def test_eval_transform_is_resize_only():
+    transform = D.build_transform("segmentation", 32, train=False)
+    image, mask = _square_scene()
+    out = transform(image=image, mask=mask)
+    np.testing.assert_allclose(out["image"].numpy(), image.transpose(2, 0, 1) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(out["mask"].numpy(), mask)
+
+
+def test_reseed_makes_augmentation_a_function_of_the_seed(segmentation_root):
+    ds = D.SegmentationDataset(D.find_segmentation_samples(segmentation_root),
+                               D.build_transform("segmentation", 24, train=True))
+
+    def epoch(seed):
+        ds.reseed(seed)
+        return [ds[i] for i in range(6)]
+
+    first, again, other = epoch(5), epoch(5), epoch(6)
+    for (a_img, a_mask), (b_img, b_mask) in zip(first, again):
+        assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+# --------------------------------------------------------------------------- splits of a root, loaders
+def test_build_splits_partitions_the_root(classification_root):
+    datasets = D.build_splits("classification", classification_root, image_size=16, seed=0)
+    assert set(datasets) == {"train", "val", "test"}
+    paths = [{p for p, _ in ds.samples} for ds in datasets.values()]
+    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+    assert set().union(*paths) == {p for p, _ in D.find_classification_samples(classification_root)}
+    assert len(datasets["train"].transform.transforms) > len(datasets["val"].transform.transforms)
+    again = D.build_splits("classification", classification_root, image_size=16, seed=0)
+    assert all(again[k].samples == datasets[k].samples for k in datasets)
+
+
+def test_build_splits_with_own_val_and_test_folders(make_classification_data):
+    train_root = make_classification_data(name="Train")
+    val_root = make_classification_data({"Basophil": 2, "Neutrophil": 3}, name="Val")
+    test_root = make_classification_data({"Eosinophil": 4}, name="Test")
+    both = D.build_splits("classification", train_root, val_root, test_root, image_size=16)
+    assert len(both["train"]) == 23 and len(both["val"]) == 5 and len(both["test"]) == 4
+    only_val = D.build_splits("classification", train_root, val_data=val_root, image_size=16)
+    assert len(only_val["val"]) == 5 and len(only_val["train"]) + len(only_val["test"]) == 23
+    assert len(only_val["test"]) >= 4  # about 0.15/0.85 of each class, at least one per class
+
+
+def test_build_splits_limit_and_segmentation(segmentation_root):
+    datasets = D.build_splits("segmentation", segmentation_root, image_size=16, limit=3)
+    assert all(1 <= len(ds) <= 3 for ds in datasets.values())
+    assert isinstance(datasets["train"], D.SegmentationDataset)
+    assert D.stratified_subset(range(10), [0] * 8 + [1] * 2, 5, seed=0) == \
+        D.stratified_subset(range(10), [0] * 8 + [1] * 2, 5, seed=0)
+    assert Counter(([0] * 8 + [1] * 2)[i] for i in D.stratified_subset(range(10), [0] * 8 + [1] * 2, 5)) == {0: 4, 1: 1}
+
+
+def test_format_split_counts(classification_root):
+    table = D.format_split_counts(D.build_splits("classification", classification_root, image_size=16),
+                                  D.CLASS_NAMES)
+    lines = table.splitlines()
+    assert lines[0].split() == ["class", "train", "val", "test"]
+    assert [line.split()[0] for line in lines[1:]] == [*D.CLASS_NAMES, "total"]
+    assert lines[4].split()[1:] == ["0", "0", "0"]  # Monocyte
+    assert sum(int(x) for x in lines[-1].split()[1:]) == 23
+
+
+def test_resolve_data_root(monkeypatch, tmp_path):
+    assert D.resolve_data_root(str(tmp_path), "classification") == tmp_path
+    fake = types.ModuleType("synthetic")
+    fake.ensure_synthetic = lambda root=None, **kwargs: tmp_path / "synth"
+    monkeypatch.setitem(sys.modules, "synthetic", fake)
+    assert D.resolve_data_root(None, "classification") == tmp_path / "synth" / "Train"
+    assert D.resolve_data_root(None, "segmentation") == tmp_path / "synth"
+
+
+def test_loader_batches(segmentation_root):
+    ds = D.build_splits("segmentation", segmentation_root, image_size=16)["train"]
+    loader = D.make_loader(ds, batch_size=4, train=True, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(ds) // 4 and loader.drop_last
+    images, masks = batches[0]
+    assert images.shape == (4, 3, 16, 16) and masks.shape == (4, 16, 16) and masks.dtype == torch.int64
+    eval_loader = D.make_loader(ds, batch_size=4, train=False)
+    assert not eval_loader.drop_last and sum(len(b[0]) for b in eval_loader) == len(ds)
+    assert not D.make_loader(ds, batch_size=len(ds), train=True).drop_last
+
+
+def test_loader_with_workers_is_reproducible(classification_root):
+    ds = D.build_splits("classification", classification_root, image_size=16)["train"]
+
+    def run():
+        loader = D.make_loader(ds, batch_size=4, train=True, workers=1, seed=7)
+        return [(x.clone(), y.clone()) for x, y in loader]
+
+    first, second = run(), run()
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+
+
+# --------------------------------------------------------------------------- real data
+def test_real_segmentation_data(real_seg_root):
+    samples = D.find_segmentation_samples(real_seg_root)
+    assert len(samples) == 300
+    assert Counter(D.CLASS_NAMES[label] for *_, label in samples) == {
+        "Neutrophil": 176, "Lymphocyte": 53, "Monocyte": 48, "Eosinophil": 22, "Basophil": 1}
+    ds = D.SegmentationDataset(samples, D.build_transform("segmentation", 32, train=False))
+    present = np.zeros(3, bool)
+    sizes = set()
+    for image_path, mask_path, _ in samples:
+        labels = D.load_mask(mask_path)
+        present[np.unique(labels)] = True
+        sizes.add(labels.shape)
+    assert present.all(), "background, cytoplasm and nucleus should all occur"
+    assert any(h != w for h, w in sizes), "the real data has non-square images"
+    image, mask = ds[0]
+    assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
