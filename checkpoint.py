@@ -26,7 +26,7 @@ REQUIRED_KEYS = ("format", "task", "depth", "class_names", "image_size", "mean",
 def to_plain(value: Any) -> Any:
     """Turn argparse values (Paths, tuples, numpy scalars) into types weights_only accepts."""
     if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
+        return {k if isinstance(k, (str, int)) else str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_plain(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None or isinstance(value, torch.Tensor):

@@ -2,6 +2,7 @@
 distributed helpers and the metrics (all computed from confusion matrices)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
@@ -12,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -39,6 +40,13 @@ class CheckpointError(ToolError):
     """A checkpoint is missing, corrupt, unsafe or made for something else."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def run_cli(main: Callable[[Any], Any], args: Any) -> int:
     """Run ``main(args)``; turn expected failures into one stderr line and an exit code.
 
@@ -49,12 +57,25 @@ def run_cli(main: Callable[[Any], Any], args: Any) -> int:
     except ToolError as err:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; finished rows and checkpoints are kept", file=sys.stderr)
         return 130
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line.
+
+    An error raised in a DataLoader worker comes back wrapped ("Caught DataError in
+    DataLoader worker ... Original Traceback ..."): keep only the original message.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(err):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(type(err).__name__) else last
+    return " ".join(lines)
 
 
 # --------------------------------------------------------------------------- atomic writes

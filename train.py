@@ -1,0 +1,350 @@
+"""Train a ResNet classifier or a UResNet segmenter on Raabin-WBC (or the synthetic sample).
+
+    python train.py --depth 50                                  # classification (default)
+    python train.py --task segmentation --depth 18 --data ../shared/data/wbc-seg-d1
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import dataset
+from checkpoint import load_checkpoint, save_checkpoint
+from model import DEPTHS, TASKS, build_model
+from utils import (ArgumentParser, ConfusionMatrix, ToolError, UsageError, atomic_savefig,
+                   atomic_write_csv, atomic_write_json, check_writable_dir, compute_metrics,
+                   init_distributed_mode, is_main_process, primary_metric, resolve_device, run_cli,
+                   seed_everything)
+
+DEFAULT_EPOCHS = {"classification": 12, "segmentation": 30}
+DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.05}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="classification", help="classification or segmentation")
+    parser.add_argument("--depth", default=50, type=int, help=f"ResNet depth: {', '.join(map(str, DEPTHS))}")
+    parser.add_argument("--data", default=None, help="dataset root (default: the synthetic sample)")
+    parser.add_argument("--val-data", default=None, help="separate validation root (e.g. Raabin TestA/)")
+    parser.add_argument("--test-data", default=None, help="separate test root (e.g. Raabin TestB/)")
+    parser.add_argument("--skip-missing-masks", action="store_true", help="skip images that have no mask")
+    parser.add_argument("--limit", default=None, type=int, help="at most N samples per split (quick runs)")
+    parser.add_argument("--epochs", default=None, type=int,
+                        help=f"epochs (default {DEFAULT_EPOCHS['classification']} for classification, "
+                             f"{DEFAULT_EPOCHS['segmentation']} for segmentation)")
+    parser.add_argument("--batch-size", default=32, type=int)
+    parser.add_argument("--opt", default="adamw", help="adamw or sgd")
+    parser.add_argument("--lr", default=None, type=float, help="peak learning rate (default 2e-3 adamw, 0.05 sgd)")
+    parser.add_argument("--weight-decay", default=1e-4, type=float)
+    parser.add_argument("--warmup-epochs", default=1, type=int, help="linear warm-up before the cosine decay")
+    parser.add_argument("--class-weights", action="store_true", help="inverse-frequency weighted cross-entropy")
+    parser.add_argument("--dice-weight", default=1.0, type=float, help="weight of the soft Dice loss (segmentation)")
+    parser.add_argument("--image-size", default=128, type=int, help="images are resized to this square size")
+    parser.add_argument("--mean", default=None, type=float, nargs=3, help="normalisation mean (default: train split)")
+    parser.add_argument("--std", default=None, type=float, nargs=3, help="normalisation std (default: train split)")
+    parser.add_argument("--pretrained", action="store_true", help="start from ImageNet encoder weights")
+    parser.add_argument("--workers", default=2, type=int, help="data-loading worker processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, bf16/fp16 on CUDA)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="keep NCHW memory format (channels_last is faster for convolutions)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--out", default=None, help="output folder (default Classification/ or Segmentation/)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject bad flags before anything is loaded or written."""
+    if args.task not in TASKS:
+        raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
+    if args.depth not in DEPTHS:
+        raise UsageError(f"unknown --depth {args.depth}; choose one of {', '.join(map(str, DEPTHS))}")
+    if args.opt not in DEFAULT_LR:
+        raise UsageError(f"unknown --opt {args.opt!r}; choose adamw or sgd")
+    for flag in ("batch_size", "image_size", "epochs", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    args.epochs = args.epochs or DEFAULT_EPOCHS[args.task]
+    args.lr = args.lr or DEFAULT_LR[args.opt]
+    args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the hardware has it, fp16 on older GPUs, None when AMP is off/unsupported."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    bf16_cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    if "AVX512" in bf16_cpu.upper() or "AMX" in bf16_cpu.upper():
+        return torch.bfloat16
+    print("note: --amp ignored: this CPU has no fast bf16 support; training in fp32")
+    return None
+
+
+def channel_stats(ds: torch.utils.data.Dataset, max_images: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of (up to ``max_images``, evenly spaced) training images."""
+    step = max(1, len(ds) // max_images)
+    total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for index in range(0, len(ds), step):
+        image = ds.unaugmented(index) if hasattr(ds, "unaugmented") else ds[index][0]
+        pixels = image.double().reshape(3, -1)
+        total += pixels.sum(1)
+        total_sq += (pixels ** 2).sum(1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def class_weights(args: argparse.Namespace, train_ds: Any, num_classes: int) -> torch.Tensor | None:
+    """Inverse-frequency weights (mean 1) from image labels or, for segmentation, pixel counts."""
+    if not args.class_weights:
+        return None
+    if args.task == "classification":
+        counts = torch.bincount(torch.tensor(train_ds.labels), minlength=num_classes).double()
+    else:
+        counts = torch.zeros(num_classes, dtype=torch.float64)
+        for index in range(len(train_ds)):
+            counts += torch.bincount(train_ds[index][1].reshape(-1), minlength=num_classes).double()
+    weights = counts.sum() / counts.clamp_min(1) / num_classes
+    return (weights / weights.mean()).float()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes (batch-level sums)."""
+    probs = logits.float().softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return 1 - dice[1:].mean()
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up then cosine decay to zero."""
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, loader: torch.utils.data.DataLoader, device: torch.device,
+                    epoch: int, args: argparse.Namespace, scaler: torch.amp.GradScaler | None = None,
+                    amp_dtype: torch.dtype | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss. Stops on a non-finite loss."""
+    model.train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    total_loss, total_seen, correct, counted = 0.0, 0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", leave=False,
+               disable=not is_main_process() or not sys.stderr.isatty())
+    for step, (images, target) in enumerate(bar):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        target = target.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = criterion(logits.float(), target)
+            if args.task == "segmentation" and args.dice_weight > 0:
+                loss = loss + args.dice_weight * soft_dice_loss(logits, target)
+        if not torch.isfinite(loss):
+            raise ToolError(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
+                            f"the last good checkpoint is kept in {args.out / 'checkpoints'}; "
+                            "lower --lr or drop --amp")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * images.shape[0]
+        total_seen += images.shape[0]
+        correct += (logits.argmax(1) == target).sum().item()
+        counted += target.numel()
+        bar.set_postfix(loss=f"{total_loss / total_seen:.4f}", acc=f"{correct / counted:.3f}")
+    return total_loss / max(1, total_seen)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, task: str,
+             class_names: list[str], desc: str = "eval", channels_last: bool = True) -> dict:
+    """Metrics from a confusion matrix accumulated over the whole split."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    cm = ConfusionMatrix(len(class_names))
+    for images, target in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        cm.update(target, model(images).argmax(1).cpu())
+    cm.reduce_from_all_processes()
+    return compute_metrics(task, cm.mat, class_names)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def seed_epoch(args: argparse.Namespace, epoch: int, loader: torch.utils.data.DataLoader) -> None:
+    """Make epoch ``epoch``'s randomness a function of (seed, epoch) only, so --resume is exact."""
+    epoch_seed = args.seed * 1000 + epoch
+    torch.manual_seed(epoch_seed)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    loader.dataset.reseed(epoch_seed)
+
+
+def plot_training_curves(history: list[dict], key: str, path: Path) -> None:
+    """Training loss and the validation metric per epoch, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_metric.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", color="tab:green")
+    ax_metric.set(xlabel="epoch", ylabel=f"validation {key}", title=f"Validation {key}", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def summary_line(task: str, metrics: dict) -> str:
+    keys = (["accuracy", "balanced_accuracy"] if task == "classification"
+            else ["pixel_accuracy", "dice_cytoplasm", "dice_nucleus", "dice_mean"])
+    return "  ".join(f"{key} {metrics[key]:.4f}" for key in keys)
+
+
+def main(args: argparse.Namespace) -> dict:
+    validate_args(args)
+    init_distributed_mode(args)
+    device = resolve_device(args.device)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(args.seed)
+    ckpt_dir = args.out / "checkpoints"
+    if is_main_process():
+        check_writable_dir(ckpt_dir)
+    resume = load_checkpoint(ckpt_dir / "last.pt", task=args.task, depth=args.depth,
+                             image_size=args.image_size) if args.resume else None
+
+    splits = dataset.build_splits(args.task, args.data, args.val_data, args.test_data,
+                                  image_size=args.image_size, seed=args.seed, limit=args.limit,
+                                  skip_missing_masks=args.skip_missing_masks)
+    class_names = list(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)
+    if is_main_process():
+        print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
+    if resume is not None:
+        mean, std = resume["mean"], resume["std"]
+    else:
+        stats = channel_stats(splits["train"]) if args.mean is None or args.std is None else None
+        mean = args.mean or stats[0]
+        std = args.std or stats[1]
+    loaders = {name: dataset.make_loader(ds, args.batch_size, train=(name == "train"), workers=args.workers,
+                                         device=device, seed=args.seed) for name, ds in splits.items()}
+
+    model = build_model(args.task, args.depth, len(class_names), mean, std, pretrained=args.pretrained)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    weights = class_weights(args, splits["train"], len(class_names))
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    optimizer = build_optimizer(args, model)
+    scheduler = build_scheduler(args, optimizer, len(loaders["train"]))
+    amp_dtype = autocast_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start_epoch, history, best_metric = 0, [], -math.inf
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        start_epoch, history, best_metric = resume["epoch"], resume["history"], resume["best_metric"]
+        print(f"resuming from {ckpt_dir / 'last.pt'} at epoch {start_epoch + 1}")
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+
+    meta = dict(task=args.task, depth=args.depth, class_names=class_names, image_size=args.image_size,
+                mean=mean, std=std, args=vars(args))
+    key = primary_metric(args.task)
+    started = time.perf_counter() - sum(row["seconds"] for row in history)
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args, epoch, loaders["train"])
+        epoch_start = time.perf_counter()
+        train_loss = train_one_epoch(model, criterion, optimizer, scheduler, loaders["train"], device,
+                                     epoch, args, scaler, amp_dtype)
+        val = evaluate(model, loaders["val"], device, args.task, class_names, "val", args.channels_last)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                        **{f"val_{k}": v for k, v in val.items()},
+                        "seconds": time.perf_counter() - epoch_start})
+        improved = not math.isnan(val[key]) and val[key] > best_metric
+        best_metric = val[key] if improved else best_metric
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val {summary_line(args.task, val)}")
+        if is_main_process():
+            state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
+                         history=history, best_metric=best_metric)
+            if improved:
+                save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
+            save_checkpoint(ckpt_dir / "last.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
+            atomic_write_csv(args.out / "log.csv", history, list(history[0].keys()))
+            plot_training_curves(history, key, args.out / "Images" / "training_curves.png")
+    train_seconds = time.perf_counter() - started
+
+    best = load_checkpoint(ckpt_dir / "best.pt", task=args.task)
+    (model.module if args.distributed else model).load_state_dict(best["model"])
+    test = evaluate(model, loaders["test"], device, args.task, class_names, "test", args.channels_last)
+    result = {**test, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2)}
+    print(f"test ({len(splits['test'])} images, best epoch {best['epoch']}): {summary_line(args.task, test)}")
+    if is_main_process():
+        atomic_write_json(args.out / "metrics.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser().parse_args()))
