@@ -1,0 +1,296 @@
+"""Measure how adversarial attacks break a trained WBC classifier or segmenter.
+
+Example::
+
+    python main.py --task classification --attack pgd --eps-list 0 2/255 8/255 --limit 64
+
+Loads ``<out>/checkpoints/best.pt``, sweeps the attack over the eps list on the val and
+test splits (see ``sweep.py``) and writes ``results.csv``, ``results.json``, the figures
+and ``report.md`` into ``--out`` (see ``report.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+import torchattacks
+from cleverhans.torch.attacks.fast_gradient_method import fast_gradient_method
+from cleverhans.torch.attacks.projected_gradient_descent import projected_gradient_descent
+from torch import nn
+
+from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from dataset import build_splits, make_loader
+from report import Report, library_versions
+from sweep import SweepSpec, run_split
+from utils import (ArgumentParser, CheckpointError, UsageError, check_writable_dir, parse_fraction,
+                   resolve_device, run_cli, seed_everything)
+
+TASKS = ("classification", "segmentation")
+DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
+#: The original study's segmentation target: background->nucleus, cytoplasm->background,
+#: nucleus->cytoplasm.
+DEFAULT_TARGET_MAP = (2, 0, 1)
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    """What the sweep needs to know about an attack besides how to build it."""
+
+    norm: str                 # "Linf" or "L2": the norm that eps bounds
+    segmentation: bool        # works on (N,C,H,W) logits with (N,H,W) targets
+    eps_bounded: bool = True  # False: a minimum-norm attack, run once and filtered by eps
+    targeted: bool = True     # supports --targeted
+
+
+ATTACKS: Mapping[str, AttackInfo] = MappingProxyType({
+    "fgsm": AttackInfo("Linf", segmentation=True),
+    "pgd": AttackInfo("Linf", segmentation=True),
+    "pgdl2": AttackInfo("L2", segmentation=True),
+    "bim": AttackInfo("Linf", segmentation=True),
+    "cw": AttackInfo("L2", segmentation=False, eps_bounded=False),
+    "apgd": AttackInfo("Linf", segmentation=False, targeted=False),
+    "autoattack": AttackInfo("Linf", segmentation=False, targeted=False),
+    "square": AttackInfo("Linf", segmentation=False),
+    "ch-fgm": AttackInfo("Linf", segmentation=True),
+    "ch-pgd": AttackInfo("Linf", segmentation=True),
+})
+
+
+class CleverhansAttack:
+    """Gives cleverhans' functional FGM/PGD the torchattacks ``attack(images, labels)`` call.
+
+    ``labels`` are the target labels when ``targeted`` is set, as for torchattacks.
+    """
+
+    def __init__(self, model: nn.Module, *, eps: float, targeted: bool, steps: int | None = None,
+                 alpha: float | None = None, rand_init: bool = False) -> None:
+        self.model, self.eps, self.targeted = model, eps, targeted
+        self.steps, self.alpha, self.rand_init = steps, alpha, rand_init
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        common = dict(clip_min=0.0, clip_max=1.0, y=labels, targeted=self.targeted)
+        self.model.eval()
+        if self.steps is None:
+            adv = fast_gradient_method(self.model, images, self.eps, np.inf, **common)
+        else:  # cleverhans asserts step <= eps
+            adv = projected_gradient_descent(self.model, images, self.eps, min(self.alpha, self.eps),
+                                             self.steps, np.inf, rand_init=self.rand_init,
+                                             sanity_checks=False, **common)
+        self.model.zero_grad(set_to_none=True)
+        return adv.detach()
+
+
+def build_attack(name: str, model: nn.Module, eps: float, *, steps: int, alpha: float,
+                 random_start: bool, num_classes: int, targeted: bool = False,
+                 seed: int = 0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The ``atk`` line: one attack object per registered name, called as ``atk(images, labels)``.
+
+    CW ignores ``eps`` (minimum-norm attack, filtered by the sweep); Square uses ``steps``
+    as its number of queries.
+    """
+    builders = {
+        "fgsm": lambda: torchattacks.FGSM(model, eps=eps),
+        "pgd": lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start),
+        "pgdl2": lambda: torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start),
+        "bim": lambda: torchattacks.BIM(model, eps=eps, alpha=alpha, steps=steps),
+        "cw": lambda: torchattacks.CW(model, c=1.0, kappa=0.0, steps=steps, lr=0.01),
+        "apgd": lambda: torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, seed=seed),
+        "autoattack": lambda: torchattacks.AutoAttack(model, norm="Linf", eps=eps, n_classes=num_classes, seed=seed),
+        "square": lambda: torchattacks.Square(model, norm="Linf", eps=eps, n_queries=steps, seed=seed),
+        "ch-fgm": lambda: CleverhansAttack(model, eps=eps, targeted=targeted),
+        "ch-pgd": lambda: CleverhansAttack(model, eps=eps, targeted=targeted, steps=steps, alpha=alpha,
+                                           rand_init=random_start),
+    }
+    if name not in builders:
+        raise UsageError(f"--attack {name!r} is unknown; choose one of {', '.join(ATTACKS)}")
+    atk = builders[name]()
+    if targeted and isinstance(atk, torchattacks.attack.Attack):
+        atk.set_mode_targeted_by_label(quiet=True)
+    return atk
+
+
+# --------------------------------------------------------------------------- arguments
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Adversarial robustness sweep for WBC models",
+                                     add_help=add_help)
+    parser.add_argument("--task", default="classification", choices=TASKS)
+    parser.add_argument("--checkpoint", default=None, help="default: <out>/checkpoints/best.pt")
+    parser.add_argument("--data", default=None, help="default: the checkpoint's data, else synthetic")
+    parser.add_argument("--attack", default="pgd", help=f"one of: {', '.join(ATTACKS)}")
+    parser.add_argument("--eps-list", nargs="+", default=list(DEFAULT_EPS),
+                        help="perturbation budgets in [0, 1], e.g. 0 8/255 0.03")
+    parser.add_argument("--steps", type=int, default=10, help="attack iterations (Square: queries)")
+    parser.add_argument("--alpha", type=float, default=None, help="step size; default 2.5*eps/steps")
+    parser.add_argument("--random-start", action="store_true")
+    parser.add_argument("--targeted", action="store_true")
+    parser.add_argument("--target-class", type=int, default=None,
+                        help="classification target; default the next class (y+1) %% C")
+    parser.add_argument("--target-map", default=None,
+                        help="segmentation target per class, e.g. 2,0,1 (the default)")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="first N samples of each split")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="default: Classification/ or Segmentation/")
+    parser.add_argument("--examples", type=int, default=4, help="examples in Images/images.png")
+    parser.add_argument("--resume", action="store_true", help="skip rows already computed in --out")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def parse_eps_list(texts: Sequence[str]) -> list[float]:
+    """Parse, check, sort and deduplicate ``--eps-list`` values."""
+    values = set()
+    for text in texts:
+        try:
+            value = parse_fraction(text)
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"--eps-list value {text!r} is not a number; write e.g. 8/255 or 0.03") from None
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"--eps-list value {text!r} is outside [0, 1]; images are in [0, 1]")
+        values.add(value)
+    return sorted(values)
+
+
+def parse_target_map(text: str | None, num_classes: int) -> list[int]:
+    if text is None:
+        return list(DEFAULT_TARGET_MAP)
+    try:
+        mapping = [int(part) for part in text.split(",")]
+    except ValueError:
+        mapping = []
+    if len(mapping) != num_classes or not all(0 <= m < num_classes for m in mapping):
+        raise UsageError(f"--target-map {text!r} needs {num_classes} comma-separated classes in "
+                         f"[0, {num_classes - 1}], e.g. 2,0,1")
+    return mapping
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Turn bad flag combinations into one-line usage errors before any work."""
+    if args.attack not in ATTACKS:
+        raise UsageError(f"--attack {args.attack!r} is unknown; choose one of {', '.join(ATTACKS)}")
+    info = ATTACKS[args.attack]
+    args.eps_values = parse_eps_list(args.eps_list)
+    checks = [
+        (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
+        (args.alpha is not None and not args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
+        (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.limit is not None and args.limit < 1, f"--limit must be >= 1, got {args.limit}"),
+        (args.examples < 0, f"--examples must be >= 0, got {args.examples}"),
+        (args.workers < 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.task == "segmentation" and not info.segmentation,
+         f"--attack {args.attack} does not support segmentation; use one of "
+         f"{', '.join(n for n, i in ATTACKS.items() if i.segmentation)}"),
+        (args.targeted and not info.targeted,
+         f"--attack {args.attack} has no targeted mode; drop --targeted or use one of "
+         f"{', '.join(n for n, i in ATTACKS.items() if i.targeted)}"),
+        (args.target_class is not None and (args.task != "classification" or not args.targeted),
+         "--target-class needs --targeted and --task classification (segmentation uses --target-map)"),
+        (args.target_map is not None and (args.task != "segmentation" or not args.targeted),
+         "--target-map needs --targeted and --task segmentation (classification uses --target-class)"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise UsageError(message)
+
+
+def make_target_fn(args: argparse.Namespace, num_classes: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Map true labels (or masks) to target labels; None for untargeted sweeps."""
+    if not args.targeted:
+        return None
+    if args.task == "segmentation":
+        table = torch.tensor(parse_target_map(args.target_map, num_classes))
+        return lambda masks: table.to(masks.device)[masks]
+    if args.target_class is None:
+        return lambda labels: (labels + 1) % num_classes
+    if not 0 <= args.target_class < num_classes:
+        raise UsageError(f"--target-class must be in [0, {num_classes - 1}], got {args.target_class}")
+    return lambda labels: torch.full_like(labels, args.target_class)
+
+
+# --------------------------------------------------------------------------- setup
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[dict, nn.Module]:
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt["task"] != args.task:
+        raise CheckpointError(f"checkpoint {args.checkpoint} is a {ckpt['task']} model but --task is "
+                              f"{args.task}; pass --task {ckpt['task']} or another --checkpoint")
+    return ckpt, model_from_checkpoint(ckpt, device)
+
+
+def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
+    """The requested splits, built exactly as at training time (at most ``--limit`` each)."""
+    train_args = ckpt.get("args") or {}
+    datasets = build_splits(args.task, args.data, val_data=train_args.get("val_data"),
+                            test_data=train_args.get("test_data"), image_size=ckpt["image_size"],
+                            seed=train_args.get("seed", 0), limit=args.limit,
+                            skip_missing_masks=bool(train_args.get("skip_missing_masks", False)))
+    return {name: datasets[name] for name in dict.fromkeys(args.splits)}
+
+
+def alpha_for(args: argparse.Namespace, eps: float) -> float:
+    return args.alpha if args.alpha is not None else 2.5 * eps / args.steps
+
+
+def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, device: torch.device) -> dict:
+    """Everything that decides the numbers (compared on --resume) plus provenance."""
+    return {
+        "task": args.task, "attack": args.attack, "norm": ATTACKS[args.attack].norm,
+        "steps": args.steps, "alpha": args.alpha if args.alpha is not None else "2.5*eps/steps",
+        "random_start": args.random_start, "targeted": args.targeted,
+        "target_class": args.target_class, "target_map": args.target_map,
+        "seed": args.seed, "data": args.data, "limit": args.limit,
+        "checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt_sha,
+        "class_names": list(ckpt["class_names"]), "splits": list(dict.fromkeys(args.splits)),
+        "eps_list": args.eps_values, "device": str(device), "batch_size": args.batch_size,
+        "versions": library_versions(),
+    }
+
+
+def main(args: argparse.Namespace) -> Report:
+    validate_args(args)
+    args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
+    args.checkpoint = Path(args.checkpoint or args.out / "checkpoints" / "best.pt")
+    check_writable_dir(args.out)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    ckpt, model = load_model(args, device)
+    if args.data is None:
+        args.data = (ckpt.get("args") or {}).get("data")
+    num_classes = len(ckpt["class_names"])
+    target_fn = make_target_fn(args, num_classes)
+    report = Report(args.out, args.task, sweep_config(args, ckpt, file_sha256(args.checkpoint), device),
+                    splits=list(dict.fromkeys(args.splits)), eps_list=args.eps_values, resume=args.resume)
+    info = ATTACKS[args.attack]
+    spec = SweepSpec(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,
+                     attack=args.attack, norm=info.norm, eps_bounded=info.eps_bounded,
+                     targeted=args.targeted, seed=args.seed, examples=args.examples,
+                     fingerprint=report.fingerprint)
+
+    def make_attack(eps: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return build_attack(args.attack, model, eps, steps=args.steps, alpha=alpha_for(args, eps),
+                            random_start=args.random_start, num_classes=num_classes,
+                            targeted=args.targeted, seed=args.seed)
+
+    for split, dataset in load_splits(args, ckpt).items():
+        loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
+                             device=device, seed=args.seed)
+        examples = run_split(model, loader, spec, split=split, make_attack=make_attack,
+                             target_fn=target_fn, device=device, on_row=report.add_row,
+                             state_dir=args.out / ".sweep_state", resume=args.resume)
+        report.add_examples(split, examples)
+    report.finish()
+    print(f"wrote {args.out / 'results.csv'} and {args.out / 'report.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser().parse_args()))
