@@ -259,8 +259,8 @@ def main(args: argparse.Namespace) -> Report:
     validate_args(args)
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
     args.checkpoint = Path(args.checkpoint or args.out / "checkpoints" / "best.pt")
+    device = resolve_device(args.device)  # a usage error: before --out is created
     check_writable_dir(args.out)
-    device = resolve_device(args.device)
     seed_everything(args.seed)
     ckpt, model = load_model(args, device)
     if args.data is None:
