@@ -99,13 +99,14 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return None
 
 
-def channel_stats(ds: torch.utils.data.Dataset, max_images: int = 512) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of (up to ``max_images``, evenly spaced) training images."""
-    step = max(1, len(ds) // max_images)
+def channel_stats(train_ds: Any, task: str, image_size: int,
+                  max_images: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of (up to ``max_images``, evenly spaced) un-augmented training images."""
+    plain = dataset.make_dataset(task, train_ds.samples, dataset.build_transform(task, image_size, train=False))
+    step = max(1, len(plain) // max_images)
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
-    for index in range(0, len(ds), step):
-        image = ds.unaugmented(index) if hasattr(ds, "unaugmented") else ds[index][0]
-        pixels = image.double().reshape(3, -1)
+    for index in range(0, len(plain), step):
+        pixels = plain[index][0].double().reshape(3, -1)
         total += pixels.sum(1)
         total_sq += (pixels ** 2).sum(1)
         count += pixels.shape[1]
@@ -281,10 +282,11 @@ def main(args: argparse.Namespace) -> dict:
         print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
     if resume is not None:
         mean, std = resume["mean"], resume["std"]
+    elif args.mean is None or args.std is None:
+        mean, std = channel_stats(splits["train"], args.task, args.image_size)
+        mean, std = args.mean or mean, args.std or std
     else:
-        stats = channel_stats(splits["train"]) if args.mean is None or args.std is None else None
-        mean = args.mean or stats[0]
-        std = args.std or stats[1]
+        mean, std = args.mean, args.std
     loaders = {name: dataset.make_loader(ds, args.batch_size, train=(name == "train"), workers=args.workers,
                                          device=device, seed=args.seed) for name, ds in splits.items()}
 

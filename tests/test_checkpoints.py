@@ -133,3 +133,20 @@ def test_atomic_text_write_failure_keeps_old_file(tmp_path, monkeypatch):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_optimizer_state_survives_the_round_trip(tmp_path):
+    """Optimizer state is keyed by parameter index (int): it must not come back as str keys."""
+    torch.manual_seed(0)
+    model = build_model("classification", 18, 5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model, task="classification", depth=18, class_names=CLASSES, image_size=32,
+                    mean=[0.5] * 3, std=[0.25] * 3, optimizer=optimizer.state_dict())
+    restored = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    restored.load_state_dict(load_checkpoint(path)["optimizer"])
+    assert restored.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    for index, state in optimizer.state_dict()["state"].items():
+        assert torch.equal(restored.state_dict()["state"][index]["exp_avg"], state["exp_avg"])
