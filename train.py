@@ -25,7 +25,7 @@ from utils import (ArgumentParser, ConfusionMatrix, ToolError, UsageError, atomi
                    init_distributed_mode, is_main_process, primary_metric, resolve_device, run_cli,
                    seed_everything)
 
-DEFAULT_EPOCHS = {"classification": 12, "segmentation": 30}
+DEFAULT_EPOCHS = {"classification": 12, "segmentation": 25}
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.05}
 
 
