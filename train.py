@@ -102,7 +102,7 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 def channel_stats(train_ds: Any, task: str, image_size: int,
                   max_images: int = 512) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of (up to ``max_images``, evenly spaced) un-augmented training images."""
-    plain = dataset.make_dataset(task, train_ds.samples, dataset.build_transform(task, image_size, train=False))
+    plain = type(train_ds)(train_ds.samples, dataset.build_transform(task, image_size, train=False))
     step = max(1, len(plain) // max_images)
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
     for index in range(0, len(plain), step):
