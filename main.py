@@ -147,16 +147,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_eps_list(texts: Sequence[str]) -> list[float]:
-    """Parse, check, sort and deduplicate ``--eps-list`` values."""
+def parse_eps_list(texts: Sequence[str], norm: str = "Linf") -> list[float]:
+    """Parse, check, sort and deduplicate ``--eps-list`` values.
+
+    L-inf budgets live in [0, 1] (images are in [0, 1]); an L2 budget is a norm over all
+    3*H*W pixels, so it may exceed 1.
+    """
     values = set()
     for text in texts:
         try:
             value = parse_fraction(text)
         except (ValueError, ZeroDivisionError):
             raise UsageError(f"--eps-list value {text!r} is not a number; write e.g. 8/255 or 0.03") from None
-        if not 0.0 <= value <= 1.0:
-            raise UsageError(f"--eps-list value {text!r} is outside [0, 1]; images are in [0, 1]")
+        if value < 0 or (norm == "Linf" and value > 1):
+            raise UsageError(f"--eps-list value {text!r} is outside [0, 1]; L-inf budgets are in pixel "
+                             "units of [0, 1] images, e.g. 8/255")
         values.add(value)
     return sorted(values)
 
@@ -179,7 +184,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.attack not in ATTACKS:
         raise UsageError(f"--attack {args.attack!r} is unknown; choose one of {', '.join(ATTACKS)}")
     info = ATTACKS[args.attack]
-    args.eps_values = parse_eps_list(args.eps_list)
+    args.eps_values = parse_eps_list(args.eps_list, info.norm)
     checks = [
         (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
         (args.alpha is not None and not args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),

@@ -88,6 +88,14 @@ def test_eps_list_parses_fractions_sorts_and_deduplicates():
     assert parse_eps_list(["1"]) == [1.0]
 
 
+def test_l2_budgets_may_exceed_one_but_linf_budgets_may_not():
+    assert parse_eps_list(["0", "0.5", "2"], norm="L2") == [0.0, 0.5, 2.0]
+    with pytest.raises(UsageError, match="outside"):
+        parse_eps_list(["2"], norm="Linf")
+    with pytest.raises(UsageError, match="outside"):
+        parse_eps_list(["-1"], norm="L2")
+
+
 @pytest.mark.parametrize("text, fragment", [("junk", "not a number"), ("1/0", "not a number"),
                                             ("-0.1", "outside [0, 1]"), ("2", "outside [0, 1]"),
                                             ("300/255", "outside [0, 1]"), ("nan", "not a number")])
