@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import (ConfusionMatrix, classification_metrics, confusion_matrix, parse_fraction,
-                   segmentation_metrics)
+from utils import (ConfusionMatrix, atomic_write_json, classification_metrics, confusion_matrix,
+                   parse_fraction, segmentation_metrics)
 
 CLASSES = ["a", "b", "c"]
 
@@ -110,3 +110,11 @@ def test_parse_fraction(text, value):
 def test_parse_fraction_rejects_junk(text):
     with pytest.raises((ValueError, ZeroDivisionError)):
         parse_fraction(text)
+
+
+def test_undefined_scores_are_written_as_json_null(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"recall_basophil": float("nan"), "accuracy": 0.5, "rows": [float("inf")]})
+    assert path.read_text().count("null") == 2
+    import json
+    assert json.loads(path.read_text()) == {"recall_basophil": None, "accuracy": 0.5, "rows": [None]}
