@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -99,6 +100,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600 files: give results the usual readable mode (or keep the old one)
+        os.chmod(tmp_path, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -150,3 +150,9 @@ def test_optimizer_state_survives_the_round_trip(tmp_path):
     assert restored.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
     for index, state in optimizer.state_dict()["state"].items():
         assert torch.equal(restored.state_dict()["state"][index]["exp_avg"], state["exp_avg"])
+
+
+def test_atomic_writes_leave_readable_files(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, "{}")
+    assert path.stat().st_mode & 0o777 == 0o644
