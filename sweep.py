@@ -248,11 +248,15 @@ def _apply_min_norm(spec: SweepSpec, st: dict, eps: float, stats: RowStats) -> N
 
 def _classification_sweep(model, loader, spec, *, split, make_attack, target_fn, device, on_row,
                           state_path, state) -> dict:
+    clean_seconds = 0.0
     if state is None:
+        start = time.perf_counter()
         state = _clean_state(model, loader, spec, target_fn, device)
+        clean_seconds = time.perf_counter() - start
     for eps in spec.eps_list[len(state["done_eps"]):]:
         torch.manual_seed(row_seed(spec.seed, split, eps))
-        start = time.perf_counter()
+        start = time.perf_counter() - clean_seconds  # the clean pass counts to the first row
+        clean_seconds = 0.0
         stats = RowStats()
         desc = f"{split} {spec.attack} eps={eps * 255:.3g}/255"
         if eps > 0 and spec.eps_bounded:
