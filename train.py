@@ -47,6 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", default=1e-4, type=float)
     parser.add_argument("--warmup-epochs", default=1, type=int, help="linear warm-up before the cosine decay")
     parser.add_argument("--class-weights", action="store_true", help="inverse-frequency weighted cross-entropy")
+    parser.add_argument("--label-smoothing", default=0.0, type=float, help="cross-entropy label smoothing")
     parser.add_argument("--dice-weight", default=1.0, type=float, help="weight of the soft Dice loss (segmentation)")
     parser.add_argument("--image-size", default=128, type=int, help="images are resized to this square size")
     parser.add_argument("--mean", default=None, type=float, nargs=3, help="normalisation mean (default: train split)")
@@ -77,6 +78,8 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0:
@@ -293,7 +296,8 @@ def main(args: argparse.Namespace) -> dict:
     model = build_model(args.task, args.depth, len(class_names), mean, std, pretrained=args.pretrained)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     weights = class_weights(args, splits["train"], len(class_names))
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                    label_smoothing=args.label_smoothing)
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer, len(loaders["train"]))
     amp_dtype = autocast_dtype(device, args.amp)
