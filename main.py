@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 import torch
@@ -136,7 +135,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="segmentation target per class, e.g. 2,0,1 (the default)")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--limit", type=int, default=None, help="at most N samples per split (a stratified, seeded subset)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most N samples per split (a stratified, seeded subset)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
