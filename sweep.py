@@ -192,10 +192,10 @@ def _attack_robust(model: nn.Module, loader: Any, spec: SweepSpec, st: dict, att
         chosen = torch.ones_like(idx, dtype=torch.bool) if spec.attack_all else robust_before[idx]
         if not chosen.any():
             continue
-        sel = idx[chosen]
-        adv = attack(images[chosen.to(device)], st["goals"][sel].to(device)).detach()
-        check_adversarial(images[chosen.to(device)], adv, eps, spec.norm, spec.attack)
-        stats.add(adv - images[chosen.to(device)])
+        sel, clean = idx[chosen], images[chosen.to(device)]
+        adv = attack(clean, st["goals"][sel].to(device)).detach()
+        check_adversarial(clean, adv, eps, spec.norm, spec.attack)
+        stats.add(adv - clean)
         pred = _predict(model, adv).cpu()
         update = robust_before[sel]
         sel, pred, adv = sel[update], pred[update], adv[update.to(device)].cpu()
@@ -289,13 +289,13 @@ def _segmentation_row(model, loader, spec, *, split, eps, attack, target_fn, dev
     desc = f"{split} {spec.attack} eps={eps * 255:.3g}/255"
     for offset, images, masks in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False):
         clean_pred = _predict(model, images)
-        adv = images
+        adv, pred = images, clean_pred
         if eps > 0:
             goals = target_fn(masks) if spec.targeted else masks
             adv = attack(images, goals).detach()
             check_adversarial(images, adv, eps, spec.norm, spec.attack)
             stats.add(adv - images)
-        pred = _predict(model, adv)
+            pred = _predict(model, adv)
         cm.update(masks, pred)
         flipped += (pred != clean_pred).sum().item()
         pixels += pred.numel()
