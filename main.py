@@ -260,6 +260,16 @@ def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, device:
     }
 
 
+def log_row(report: Report, row: dict, norm: str) -> None:
+    """Record a finished row and print it with its sanity line (the sweep already enforced it)."""
+    report.add_row(row)
+    key = "accuracy" if "accuracy" in row else "dice_mean"
+    worst = row["linf_max"] if norm == "Linf" else row["l2_max"]
+    eps = f"{row['eps'] * 255:.4g}/255" if norm == "Linf" else f"{row['eps']:.4g} (L2)"
+    print(f"{row['split']:>5} eps={eps:<12} {key} {row[key]:.4f}  "
+          f"sanity ok: max {norm} {worst:.6f} <= eps, finite, in [0, 1]  ({row['seconds']:.1f} s)")
+
+
 def main(args: argparse.Namespace) -> Report:
     validate_args(args)
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
@@ -289,7 +299,8 @@ def main(args: argparse.Namespace) -> Report:
         loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
                              device=device, seed=args.seed)
         examples = run_split(model, loader, spec, split=split, make_attack=make_attack,
-                             target_fn=target_fn, device=device, on_row=report.add_row,
+                             target_fn=target_fn, device=device,
+                             on_row=lambda row: log_row(report, row, info.norm),
                              state_dir=args.out / ".sweep_state", resume=args.resume)
         report.add_examples(split, examples)
     report.finish()
