@@ -141,3 +141,21 @@ def tiny_synthetic_root(tmp_path_factory) -> Path:
     from synthetic import generate_synthetic
 
     return generate_synthetic(tmp_path_factory.mktemp("synthetic") / "root", per_class=6, image_size=32, seed=0)
+
+
+def write_tiny_checkpoint(path: Path, task: str, data: Path | None = None) -> Path:
+    """An untrained depth-18 checkpoint for 32 px images whose recorded data root is ``data``."""
+    import torch
+
+    from checkpoint import save_checkpoint
+    from dataset import CLASS_NAMES, SEG_CLASS_NAMES
+    from model import build_model
+
+    names = list(CLASS_NAMES if task == "classification" else SEG_CLASS_NAMES)
+    stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.manual_seed(0)
+    model = build_model(task, 18, len(names), **stats).eval()
+    args = {"data": str(data) if data is not None else None, "val_data": None, "test_data": None, "seed": 0,
+            "image_size": 32, "skip_missing_masks": False}
+    save_checkpoint(path, model, task=task, depth=18, class_names=names, image_size=32, args=args, **stats)
+    return path

@@ -12,8 +12,7 @@ import torch
 
 import main as sweep_cli
 import train as train_cli
-from checkpoint import save_checkpoint
-from model import build_model
+from conftest import write_tiny_checkpoint
 from utils import CheckpointError, DataError, ToolError, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,19 +21,10 @@ SEG_NAMES = ["background", "cytoplasm", "nucleus"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
-def _write_checkpoint(path: Path, task: str) -> Path:
-    names = CLASS_NAMES if task == "classification" else SEG_NAMES
-    torch.manual_seed(0)
-    model = build_model(task, 18, len(names), mean=[0.5] * 3, std=[0.25] * 3).eval()
-    save_checkpoint(path, model, task=task, depth=18, class_names=names, image_size=32,
-                    mean=[0.5] * 3, std=[0.25] * 3)
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("ckpts")
-    return {task: _write_checkpoint(folder / f"{task}.pt", task) for task in ("classification", "segmentation")}
+    return {task: write_tiny_checkpoint(folder / f"{task}.pt", task) for task in ("classification", "segmentation")}
 
 
 def _run(module, argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -195,7 +185,7 @@ def test_train_resume_missing_checkpoint(tmp_path, capsys):
                                              ("classification", "segmentation")])
 def test_train_resume_checkpoint_for_the_other_task(tmp_path, capsys, ckpt_task, task):
     out = tmp_path / "out"
-    last = _write_checkpoint(out / "checkpoints" / "last.pt", ckpt_task)
+    last = write_tiny_checkpoint(out / "checkpoints" / "last.pt", ckpt_task)
     before = last.read_bytes()
     rc, lines = _run(train_cli, ["--task", task, "--depth", "18", "--image-size", "32", "--resume",
                                  "--data", str(tmp_path), "--out", str(out), "--device", "cpu"], capsys)

@@ -10,6 +10,7 @@ import torch
 import torchattacks
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import write_tiny_checkpoint
 from main import build_attack, get_args_parser
 from main import main as run_main
 from report import Report
@@ -170,18 +171,7 @@ def test_report_writes_parseable_outputs(tmp_path, cls_setup, seg_setup):
 # --------------------------------------------------------------------------- main.py end to end
 @pytest.fixture
 def checkpoint_file(tmp_path, make_classification_data):
-    from checkpoint import save_checkpoint
-    from model import build_model
-
-    data = make_classification_data(size=(24, 24))
-    torch.manual_seed(0)
-    model = build_model("classification", 18, 5)
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, model, task="classification", depth=18, class_names=CLASS_NAMES, image_size=32,
-                    mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
-                    args={"data": str(data), "val_data": None, "test_data": None, "seed": 0, "image_size": 32,
-                          "skip_missing_masks": False})
-    return path
+    return write_tiny_checkpoint(tmp_path / "ckpt.pt", "classification", make_classification_data(size=(24, 24)))
 
 
 def cli(*argv):

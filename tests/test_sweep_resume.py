@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import write_tiny_checkpoint
 from main import build_attack
 from report import config_fingerprint
 from sweep import SweepSpec, run_split
@@ -69,18 +69,7 @@ def test_resumed_split_state_is_bit_identical(tmp_path):
 
 @pytest.fixture
 def segmentation_checkpoint(tmp_path, make_segmentation_data):
-    from checkpoint import save_checkpoint
-    from model import build_model
-
-    data = make_segmentation_data(size=(24, 24))
-    torch.manual_seed(0)
-    model = build_model("segmentation", 18, 3)
-    path = tmp_path / "seg.pt"
-    save_checkpoint(path, model, task="segmentation", depth=18, class_names=["background", "cytoplasm", "nucleus"],
-                    image_size=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
-                    args={"data": str(data), "val_data": None, "test_data": None, "seed": 0, "image_size": 32,
-                          "skip_missing_masks": False})
-    return path
+    return write_tiny_checkpoint(tmp_path / "seg.pt", "segmentation", make_segmentation_data(size=(24, 24)))
 
 
 def sweep_command(checkpoint: Path, out: Path, *extra: str) -> list[str]:
