@@ -310,6 +310,9 @@ def main(args: argparse.Namespace) -> dict:
         scheduler.load_state_dict(resume["scheduler"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in resume["rng"]:
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         start_epoch, history, best_metric = resume["epoch"], resume["history"], resume["best_metric"]
         print(f"resuming from {ckpt_dir / 'last.pt'} at epoch {start_epoch + 1}")
     if args.distributed:

@@ -223,7 +223,7 @@ def init_distributed_mode(args: Any) -> None:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
 
 
-def is_main_process(args: Any | None = None) -> bool:
+def is_main_process() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return True
