@@ -13,17 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 
-import numpy as np
 import torch
-import torchattacks
-from cleverhans.torch.attacks.fast_gradient_method import fast_gradient_method
-from cleverhans.torch.attacks.projected_gradient_descent import projected_gradient_descent
 from torch import nn
 
+from attacks import ATTACKS, Attack, attack_info, build_attack
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from dataset import build_splits, make_loader
 from report import Report, library_versions
@@ -36,83 +31,6 @@ DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "12
 #: The original study's segmentation target: background->nucleus, cytoplasm->background,
 #: nucleus->cytoplasm.
 DEFAULT_TARGET_MAP = (2, 0, 1)
-
-
-@dataclass(frozen=True)
-class AttackInfo:
-    """What the sweep needs to know about an attack besides how to build it."""
-
-    norm: str                 # "Linf" or "L2": the norm that eps bounds
-    segmentation: bool        # works on (N,C,H,W) logits with (N,H,W) targets
-    eps_bounded: bool = True  # False: a minimum-norm attack, run once and filtered by eps
-    targeted: bool = True     # supports --targeted
-
-
-ATTACKS: Mapping[str, AttackInfo] = MappingProxyType({
-    "fgsm": AttackInfo("Linf", segmentation=True),
-    "pgd": AttackInfo("Linf", segmentation=True),
-    "pgdl2": AttackInfo("L2", segmentation=True),
-    "bim": AttackInfo("Linf", segmentation=True),
-    "cw": AttackInfo("L2", segmentation=False, eps_bounded=False),
-    "apgd": AttackInfo("Linf", segmentation=False, targeted=False),
-    "autoattack": AttackInfo("Linf", segmentation=False, targeted=False),
-    "square": AttackInfo("Linf", segmentation=False),
-    "ch-fgm": AttackInfo("Linf", segmentation=True),
-    "ch-pgd": AttackInfo("Linf", segmentation=True),
-})
-
-
-class CleverhansAttack:
-    """Gives cleverhans' functional FGM/PGD the torchattacks ``attack(images, labels)`` call.
-
-    ``labels`` are the target labels when ``targeted`` is set, as for torchattacks.
-    """
-
-    def __init__(self, model: nn.Module, *, eps: float, targeted: bool, steps: int | None = None,
-                 alpha: float | None = None, rand_init: bool = False) -> None:
-        self.model, self.eps, self.targeted = model, eps, targeted
-        self.steps, self.alpha, self.rand_init = steps, alpha, rand_init
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        common = dict(clip_min=0.0, clip_max=1.0, y=labels, targeted=self.targeted)
-        self.model.eval()
-        if self.steps is None:
-            adv = fast_gradient_method(self.model, images, self.eps, np.inf, **common)
-        else:  # cleverhans asserts step <= eps
-            adv = projected_gradient_descent(self.model, images, self.eps, min(self.alpha, self.eps),
-                                             self.steps, np.inf, rand_init=self.rand_init,
-                                             sanity_checks=False, **common)
-        self.model.zero_grad(set_to_none=True)
-        return adv.detach()
-
-
-def build_attack(name: str, model: nn.Module, eps: float, *, steps: int, alpha: float,
-                 random_start: bool, num_classes: int, targeted: bool = False,
-                 seed: int = 0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The ``atk`` line: one attack object per registered name, called as ``atk(images, labels)``.
-
-    CW ignores ``eps`` (minimum-norm attack, filtered by the sweep); Square uses ``steps``
-    as its number of queries.
-    """
-    builders = {
-        "fgsm": lambda: torchattacks.FGSM(model, eps=eps),
-        "pgd": lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start),
-        "pgdl2": lambda: torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start),
-        "bim": lambda: torchattacks.BIM(model, eps=eps, alpha=alpha, steps=steps),
-        "cw": lambda: torchattacks.CW(model, c=1.0, kappa=0.0, steps=steps, lr=0.01),
-        "apgd": lambda: torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, seed=seed),
-        "autoattack": lambda: torchattacks.AutoAttack(model, norm="Linf", eps=eps, n_classes=num_classes, seed=seed),
-        "square": lambda: torchattacks.Square(model, norm="Linf", eps=eps, n_queries=steps, seed=seed),
-        "ch-fgm": lambda: CleverhansAttack(model, eps=eps, targeted=targeted),
-        "ch-pgd": lambda: CleverhansAttack(model, eps=eps, targeted=targeted, steps=steps, alpha=alpha,
-                                           rand_init=random_start),
-    }
-    if name not in builders:
-        raise UsageError(f"--attack {name!r} is unknown; choose one of {', '.join(ATTACKS)}")
-    atk = builders[name]()
-    if targeted and isinstance(atk, torchattacks.attack.Attack):
-        atk.set_mode_targeted_by_label(quiet=True)
-    return atk
 
 
 # --------------------------------------------------------------------------- arguments
@@ -181,9 +99,7 @@ def parse_target_map(text: str | None, num_classes: int) -> list[int]:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Turn bad flag combinations into one-line usage errors before any work."""
-    if args.attack not in ATTACKS:
-        raise UsageError(f"--attack {args.attack!r} is unknown; choose one of {', '.join(ATTACKS)}")
-    info = ATTACKS[args.attack]
+    info = attack_info(args.attack)
     args.eps_values = parse_eps_list(args.eps_list, info.norm)
     checks = [
         (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
@@ -290,7 +206,7 @@ def main(args: argparse.Namespace) -> Report:
                      targeted=args.targeted, seed=args.seed, examples=args.examples,
                      fingerprint=report.fingerprint)
 
-    def make_attack(eps: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def make_attack(eps: float) -> Attack:
         return build_attack(args.attack, model, eps, steps=args.steps, alpha=alpha_for(args, eps),
                             random_start=args.random_start, num_classes=num_classes,
                             targeted=args.targeted, seed=args.seed)

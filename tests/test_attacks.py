@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from main import ATTACKS, build_attack, get_args_parser, parse_eps_list, parse_target_map, validate_args
+from attacks import ATTACKS, build_attack
+from main import get_args_parser, parse_eps_list, parse_target_map, validate_args
 from sweep import SweepSpec, perturbation_norms, run_split
 from utils import UsageError
 
@@ -143,6 +144,13 @@ def test_registry_declares_norm_and_capabilities():
     assert {n for n, info in ATTACKS.items() if info.segmentation} == {"fgsm", "pgd", "pgdl2", "bim", "ch-fgm", "ch-pgd"}
     assert all(info.norm in ("Linf", "L2") for info in ATTACKS.values())
     assert not ATTACKS["cw"].eps_bounded and ATTACKS["pgdl2"].norm == "L2"
+    assert all(callable(info.build) for info in ATTACKS.values())
+
+
+def test_main_uses_the_shared_registry():
+    import main
+
+    assert main.ATTACKS is ATTACKS and main.build_attack is build_attack
 
 
 # --------------------------------------------------------------------------- every attack runs

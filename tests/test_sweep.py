@@ -10,8 +10,9 @@ import torch
 import torchattacks
 from torch.utils.data import DataLoader, TensorDataset
 
+from attacks import build_attack
 from conftest import write_tiny_checkpoint
-from main import build_attack, get_args_parser
+from main import get_args_parser
 from main import main as run_main
 from report import Report
 from sweep import SweepSpec, run_split

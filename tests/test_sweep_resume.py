@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader, TensorDataset
 
+from attacks import build_attack
 from conftest import write_tiny_checkpoint
-from main import build_attack
 from report import config_fingerprint
 from sweep import SweepSpec, run_split
 from test_attacks import CLASS_NAMES, separable_images, tiny_classifier, train
