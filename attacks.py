@@ -49,14 +49,18 @@ class CleverhansAttack:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         common = dict(clip_min=0.0, clip_max=1.0, y=labels, targeted=self.targeted)
+        was_training = self.model.training
         self.model.eval()
-        if self.steps is None:
-            adv = fast_gradient_method(self.model, images, self.eps, np.inf, **common)
-        else:  # cleverhans asserts step <= eps
-            adv = projected_gradient_descent(self.model, images, self.eps, min(self.alpha, self.eps),
-                                             self.steps, np.inf, rand_init=self.rand_init,
-                                             sanity_checks=False, **common)
-        self.model.zero_grad(set_to_none=True)
+        try:
+            if self.steps is None:
+                adv = fast_gradient_method(self.model, images, self.eps, np.inf, **common)
+            else:  # cleverhans asserts step <= eps
+                adv = projected_gradient_descent(self.model, images, self.eps, min(self.alpha, self.eps),
+                                                 self.steps, np.inf, rand_init=self.rand_init,
+                                                 sanity_checks=False, **common)
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            self.model.train(was_training)
         return adv.detach()
 
 

@@ -208,6 +208,18 @@ def test_cleverhans_pgd_accepts_a_step_larger_than_eps(classifier_and_data):
     assert (adv - images[:4]).abs().max() <= 1 / 255 + 1e-6
 
 
+@pytest.mark.parametrize("name", ["ch-fgm", "ch-pgd", "pgd"])
+@pytest.mark.parametrize("training", [True, False])
+def test_attacks_restore_the_callers_model_mode(name, training, classifier_and_data):
+    model, images, labels = classifier_and_data
+    model.train(training)
+    try:
+        build_attack(name, model, 4 / 255, steps=2, alpha=2 / 255)(images[:4], labels[:4])
+        assert model.training is training
+    finally:
+        model.eval()
+
+
 def test_torchattacks_and_cleverhans_pgd_agree(classifier_and_data):
     model, images, labels = classifier_and_data
     loader = DataLoader(TensorDataset(images, labels), batch_size=40)
