@@ -7,13 +7,15 @@ images and returns adversarial images (``labels`` are the targets when ``targete
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchattacks
+from cospgd import Attack as CosPGDWeights
 from cleverhans.torch.attacks.fast_gradient_method import fast_gradient_method
 from cleverhans.torch.attacks.projected_gradient_descent import projected_gradient_descent
 from torch import nn
@@ -64,6 +66,156 @@ class CleverhansAttack:
         return adv.detach()
 
 
+# --------------------------------------------------------------------------- the PGD family
+#: Pixel losses of the PGD family: plain cross-entropy, SegPGD's and CosPGD's weightings.
+LOSSES = ("ce", "segpgd", "cospgd")
+#: torchattacks adds this to the L2 norm of the gradient before dividing by it.
+L2_DIVISION_EPS = 1e-10
+
+
+@dataclass(frozen=True)
+class PGDSpec:
+    """One projected-gradient attack: what the library classes and the fast engine both run.
+
+    ``loss`` weights the per-pixel (or per-image) cross-entropy: ``ce`` not at all, ``segpgd``
+    by SegPGD's lambda_t schedule, ``cospgd`` by CosPGD's cosine similarity (Gu et al., ECCV
+    2022; Agnihotri et al., ICML 2024), both through the authors' ``cospgd`` package.
+    """
+
+    norm: str
+    eps: float
+    alpha: float
+    steps: int
+    random_start: bool = False
+    targeted: bool = False
+    loss: str = "ce"
+
+
+def random_start_delta(shape: Sequence[int], spec: PGDSpec,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random start inside the eps ball, drawn as torchattacks PGD/PGDL2 draw it.
+
+    ``shape`` is (N, C, H, W). With ``generator`` the draw is a function of that generator
+    only (the sweep gives every sample its own); without it the global torch stream is used.
+    """
+    if spec.norm == "Linf":
+        return torch.empty(shape).uniform_(-spec.eps, spec.eps, generator=generator)
+    delta = torch.empty(shape).normal_(generator=generator)
+    norms = delta.view(shape[0], -1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+    radius = torch.zeros_like(norms).uniform_(0, 1, generator=generator)
+    return delta * (radius / norms * spec.eps)
+
+
+def pgd_loss(logits: torch.Tensor, goals: torch.Tensor, spec: PGDSpec,
+             iteration: int | torch.Tensor = 0) -> torch.Tensor:
+    """Per-sample attack loss (shape N) whose gradient the attack ascends.
+
+    Per-pixel losses are averaged over the pixels of each image and never over the batch,
+    so a sample's gradient does not depend on which samples share its batch. Targeted
+    attacks ascend the negative loss towards ``goals``.
+    """
+    logits = logits.float()
+    pixel_ce = F.cross_entropy(logits, goals, reduction="none")
+    if spec.loss == "segpgd":
+        loss = _segpgd_per_image(logits, goals, pixel_ce, spec, iteration)
+    else:
+        if spec.loss == "cospgd":
+            pixel_ce = CosPGDWeights.cospgd_scale(logits, goals, pixel_ce, num_classes=logits.shape[1],
+                                                  targeted=spec.targeted)
+        loss = pixel_ce.flatten(1).mean(1) if pixel_ce.dim() > 1 else pixel_ce
+    return -loss if spec.targeted else loss
+
+
+def _segpgd_per_image(logits: torch.Tensor, goals: torch.Tensor, pixel_ce: torch.Tensor, spec: PGDSpec,
+                      iteration: int | torch.Tensor) -> torch.Tensor:
+    """SegPGD's weighted mean per image, from ``cospgd.segpgd_scale`` (lambda_t = t / 2T).
+
+    The package sums over its batch, so it is called image by image: that keeps the loss per
+    image and lets every image of the fast engine's packed batches have its own iteration.
+    """
+    iterations = torch.as_tensor(iteration).expand(len(logits)).tolist()
+    return torch.stack([CosPGDWeights.segpgd_scale(logits[i:i + 1], goals[i:i + 1], pixel_ce[i:i + 1], t,
+                                                   spec.steps, targeted=spec.targeted)
+                        for i, t in enumerate(iterations)])
+
+
+def pgd_step(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, spec: PGDSpec) -> torch.Tensor:
+    """One ascent step then the projection onto the eps ball and [0, 1], as torchattacks does."""
+    if spec.norm == "Linf":
+        adv = adv.detach() + spec.alpha * grad.sign()
+        delta = torch.clamp(adv - images, min=-spec.eps, max=spec.eps)
+        return torch.clamp(images + delta, min=0, max=1).detach()
+    n = len(grad)
+    grad_norms = torch.norm(grad.reshape(n, -1), p=2, dim=1) + L2_DIVISION_EPS
+    adv = adv.detach() + spec.alpha * (grad / grad_norms.view(n, 1, 1, 1))
+    delta = adv - images
+    factor = torch.min(spec.eps / torch.norm(delta.reshape(n, -1), p=2, dim=1), torch.ones(n, device=adv.device))
+    return torch.clamp(images + delta * factor.view(-1, 1, 1, 1), min=0, max=1).detach()
+
+
+class PGDFamily(torchattacks.attack.Attack):
+    """A torchattacks attack running :class:`PGDSpec` (SegPGD, CosPGD, L-inf or L2).
+
+    The fast engine in sweep.py runs the same spec with packed batches and early stops.
+    """
+
+    def __init__(self, name: str, model: nn.Module, *, eps: float, alpha: float, steps: int, norm: str = "Linf",
+                 loss: str = "ce", random_start: bool = False) -> None:
+        super().__init__(name, model)
+        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+        self.loss, self.random_start = loss, random_start
+        self.supported_mode = ["default", "targeted"]
+
+    def spec(self) -> PGDSpec:
+        return PGDSpec(self.norm, self.eps, self.alpha, self.steps, self.random_start, self.targeted, self.loss)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        spec = self.spec()
+        images = images.clone().detach().to(self.device)
+        goals = labels.clone().detach().to(self.device)
+        adv = images.clone()
+        if spec.random_start:
+            adv = torch.clamp(adv + random_start_delta(adv.shape, spec).to(adv.device), 0, 1)
+        for iteration in range(spec.steps):
+            adv.requires_grad_(True)
+            loss = pgd_loss(self.get_logits(adv), goals, spec, iteration).sum()
+            grad = torch.autograd.grad(loss, adv)[0]
+            adv = pgd_step(adv, images, grad, spec)
+        return adv
+
+
+def SegPGD(model: nn.Module, **kwargs) -> PGDFamily:  # noqa: N802  (named like the other attack classes)
+    """SegPGD (Gu et al., ECCV 2022): correct pixels weigh 1 - lambda_t, wrong ones lambda_t."""
+    return PGDFamily("SegPGD", model, loss="segpgd", **kwargs)
+
+
+def CosPGD(model: nn.Module, **kwargs) -> PGDFamily:  # noqa: N802
+    """CosPGD (Agnihotri et al., ICML 2024): pixels weigh cos(softmax, one-hot target), detached."""
+    return PGDFamily("CosPGD", model, loss="cospgd", **kwargs)
+
+
+def fast_spec(atk: object) -> PGDSpec | None:
+    """The :class:`PGDSpec` that the fast engine runs for ``atk``, or None (no fast path).
+
+    Only the exact torchattacks classes whose algorithm is a projected-gradient iteration
+    are recognised, with the settings of their ``atk`` line, so editing that line changes
+    what the fast engine runs too.
+    """
+    kind = type(atk)
+    targeted = bool(getattr(atk, "targeted", False))
+    if kind is PGDFamily:
+        return atk.spec()
+    if kind is torchattacks.PGD:
+        return PGDSpec("Linf", atk.eps, atk.alpha, atk.steps, atk.random_start, targeted)
+    if kind is torchattacks.PGDL2:
+        return PGDSpec("L2", atk.eps, atk.alpha, atk.steps, atk.random_start, targeted)
+    if kind is torchattacks.BIM:
+        return PGDSpec("Linf", atk.eps, atk.alpha, atk.steps, False, targeted)
+    if kind is torchattacks.FGSM:
+        return PGDSpec("Linf", atk.eps, atk.eps, 1, False, targeted)
+    return None
+
+
 Builder = Callable[[nn.Module, AttackParams], Attack]
 
 
@@ -71,11 +223,15 @@ Builder = Callable[[nn.Module, AttackParams], Attack]
 class AttackInfo:
     """What the sweep needs to know about an attack, and how to build it."""
 
-    norm: str                 # "Linf" or "L2": the norm that eps bounds
-    segmentation: bool        # works on (N,C,H,W) logits with (N,H,W) targets
-    build: Builder            # the atk line: (model, params) -> attack object
-    eps_bounded: bool = True  # False: a minimum-norm attack, run once and filtered by eps
-    targeted: bool = True     # supports --targeted
+    norm: str                    # "Linf" or "L2": the norm that eps bounds
+    segmentation: bool           # works on (N,C,H,W) logits with (N,H,W) targets
+    build: Builder               # the atk line: (model, params) -> attack object
+    eps_bounded: bool = True     # False: a minimum-norm attack, run once and filtered by eps
+    targeted: bool = True        # supports --targeted
+    classification: bool = True  # works on (N,C) logits with (N,) labels
+
+    def supports(self, task: str) -> bool:
+        return self.segmentation if task == "segmentation" else self.classification
 
 
 #: The attack table. ``m`` is the model, ``p`` the :class:`AttackParams` of one eps.
@@ -93,6 +249,10 @@ ATTACKS: Mapping[str, AttackInfo] = MappingProxyType({
     "square": AttackInfo("Linf", False, lambda m, p: torchattacks.Square(m, norm="Linf", eps=p.eps, n_queries=p.steps, seed=p.seed)),  # noqa: E501
     "ch-fgm": AttackInfo("Linf", True, lambda m, p: CleverhansAttack(m, eps=p.eps, targeted=p.targeted)),
     "ch-pgd": AttackInfo("Linf", True, lambda m, p: CleverhansAttack(m, eps=p.eps, targeted=p.targeted, steps=p.steps, alpha=p.alpha, rand_init=p.random_start)),  # noqa: E501
+    "segpgd": AttackInfo("Linf", True, lambda m, p: SegPGD(m, eps=p.eps, alpha=p.alpha, steps=p.steps, random_start=p.random_start), classification=False),  # noqa: E501
+    "segpgdl2": AttackInfo("L2", True, lambda m, p: SegPGD(m, norm="L2", eps=p.eps, alpha=p.alpha, steps=p.steps, random_start=p.random_start), classification=False),  # noqa: E501
+    "cospgd": AttackInfo("Linf", True, lambda m, p: CosPGD(m, eps=p.eps, alpha=p.alpha, steps=p.steps, random_start=p.random_start), classification=False),  # noqa: E501
+    "cospgdl2": AttackInfo("L2", True, lambda m, p: CosPGD(m, norm="L2", eps=p.eps, alpha=p.alpha, steps=p.steps, random_start=p.random_start), classification=False),  # noqa: E501
 })
 
 
