@@ -186,6 +186,50 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    return "AMX" in getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")().upper()
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32).
+
+    ``auto`` is bf16 where it is native (CUDA with bf16, AMX/AVX512-BF16 CPUs), else fp32, and
+    never fails; asking for bf16 or fp16 where it is not usable is a usage error.
+    """
+    cuda = device.type == "cuda"
+    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+    if name == "auto":
+        return torch.bfloat16 if bf16 else None
+    if name == "bf16" and not bf16:
+        where = "this GPU" if cuda else "this CPU (no AVX512-BF16 or AMX: bf16 would be emulated, ~3x slower)"
+        raise UsageError(f"--precision bf16 is not usable on {where}; use --precision fp32 or auto")
+    if name == "fp16" and not cuda:
+        raise UsageError("--precision fp16 needs a CUDA device; use --precision fp32 or auto on a CPU")
+    if name not in PRECISIONS:
+        raise UsageError(f"unknown --precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+
+
+def peak_memory_mb(device: torch.device | None = None) -> dict:
+    """Peak resident memory of this process (and peak CUDA allocation) in MiB."""
+    import resource
+
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device is not None and device.type == "cuda":
+        peak["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -312,6 +356,26 @@ def segmentation_metrics(cm: torch.Tensor | np.ndarray,
     metrics["dice_mean"] = float(np.nanmean(dice[1:])) if np.isfinite(dice[1:]).any() else float("nan")
     metrics["iou_mean"] = float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan")
     return metrics
+
+
+def per_image_confusion(masks: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Confusion matrices ``cm[i, true, pred]`` of every image (int64, on CPU)."""
+    n = len(masks)
+    image = torch.arange(n, device=masks.device).view(n, 1)
+    idx = (image * num_classes + masks.reshape(n, -1).long()) * num_classes + pred.reshape(n, -1).long()
+    return torch.bincount(idx.flatten(), minlength=n * num_classes ** 2).view(n, num_classes, num_classes).cpu()
+
+
+def per_image_dice(cms: torch.Tensor) -> torch.Tensor:
+    """Mean foreground Dice of each image; classes absent from mask and prediction are skipped,
+    and an image with no foreground in either scores 1."""
+    cms = cms.double()
+    tp = torch.diagonal(cms, dim1=1, dim2=2)
+    denom = cms.sum(1) + cms.sum(2)
+    dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.nan)[:, 1:]
+    counted = ~torch.isnan(dice)
+    mean = torch.where(counted, dice, 0.0).sum(1) / counted.sum(1).clamp_min(1)
+    return torch.where(counted.any(1), mean, 1.0)
 
 
 def compute_metrics(task: str, cm: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> dict:
