@@ -1,0 +1,300 @@
+"""The gradient-masking checklist: is the attack strong enough for its numbers to be believed?
+
+Run after a sweep on a stratified subset of one split (after Carlini et al., "On Evaluating
+Adversarial Robustness", 2019, and AutoAttack's ``checks.py``). Each check reports PASS or
+WARN with the number behind it; a WARN says what to do. The checks are
+
+a. monotone: the reported metric never rises with eps;
+b. unbounded: at L-inf eps = 1, PGD drives accuracy to <= 1 % (mean Dice to <= 0.1);
+c. iterative beats single-step: PGD is at most FGSM at every swept eps up to 16/255;
+d. converged: 5x the steps (plus 4 random restarts for classification) moves the metric by
+   less than 2 points at the median eps;
+e. white-box beats black-box: Square (classification, 1000 queries), run on the samples PGD
+   left robust at the median eps, fools at most 2 % of the subset;
+f. noise: uniform noise of the same eps moves the metric far less than PGD;
+g. gradients: no sample has an input gradient that is exactly zero;
+h. the model returns logits (not probabilities), and two forward passes agree.
+
+PGD here is always L-inf ``pgd`` with the sweep's steps and step-size rule; where the sweep
+itself ran ``pgd`` on this split, its per-sample results are reused (so check c compares the
+reported numbers with FGSM).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks import PGDSpec, build_attack, random_start_delta
+from dataset import stratified_subset
+from engine import Engine, Finished, forward, per_sample_noise, predict, run_attack
+from splitdata import SplitSource, SubsetSplit
+from utils import compute_metrics, per_image_confusion, primary_metric
+
+CHECK_EPS_MAX = 16 / 255
+LINF_CHECK_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
+POINTS = 0.02
+SQUARE_QUERIES = 1000
+RESTARTS = 4
+
+
+@dataclass
+class Check:
+    """One line of the checklist."""
+
+    id: str
+    name: str
+    status: str
+    value: float | None
+    detail: str
+
+    def line(self) -> str:
+        value = "n/a" if self.value is None else f"{self.value:.4f}"
+        return f"check {self.id} {self.name}: {self.status} ({value}) {self.detail}"
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """The sweep settings the checks follow."""
+
+    task: str
+    class_names: Sequence[str]
+    eps_list: Sequence[float]
+    norm: str = "Linf"
+    steps: int = 10
+    alpha: float | None = None
+    random_start: bool = False
+    seed: int = 0
+    limit: int = 64
+    square_queries: int = SQUARE_QUERIES
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "WARN"
+
+
+class _Subset:
+    """The checklist's samples and the attacks it runs on them."""
+
+    def __init__(self, model: nn.Module, source: SplitSource, settings: CheckSettings, engine: Engine,
+                 split: str, indices: list[int]) -> None:
+        self.model, self.settings, self.engine, self.split = model, settings, engine, split
+        self.source = SubsetSplit(source, indices)
+        self.indices = indices
+        self.classification = settings.task == "classification"
+        self.labels, self.clean_pred = self._clean()
+
+    def _clean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        targets, preds = [], []
+        for chunk in torch.arange(len(self.source)).split(self.engine.batch_size):
+            images, target = self.source.batch(chunk, self.engine.device, self.engine.memory_format)
+            targets.append(target.cpu())
+            preds.append(predict(self.model, images).cpu())
+        return torch.cat(targets), torch.cat(preds)
+
+    def metric_of(self, pred: torch.Tensor) -> float:
+        num = len(self.settings.class_names)
+        if self.classification:
+            return (pred == self.labels).double().mean().item()
+        cm = per_image_confusion(self.labels, pred, num).sum(0)
+        return compute_metrics("segmentation", cm, self.settings.class_names)["dice_mean"]
+
+    def clean_metric(self) -> float:
+        return self.metric_of(self.clean_pred)
+
+    def attacked_pred(self, name: str, eps: float, *, steps: int | None = None, random_start: bool | None = None,
+                      tag: str = "", only: torch.Tensor | None = None) -> torch.Tensor:
+        """Predictions after attack ``name`` (untargeted) on the samples ``only`` (default:
+        all); clean-wrong classification samples are never attacked."""
+        s = self.settings
+        steps = steps or s.steps
+        alpha = s.alpha if s.alpha is not None else 2.5 * eps / steps
+        atk = build_attack(name, self.model, eps, steps=steps, alpha=alpha, num_classes=len(s.class_names),
+                           random_start=s.random_start if random_start is None else random_start, seed=s.seed)
+        pred = self.clean_pred.clone()
+        chosen = torch.ones(len(self.source), dtype=torch.bool) if only is None else only
+        if self.classification:
+            todo = torch.nonzero(chosen & (self.clean_pred == self.labels)).flatten()
+            fooled = lambda p, targets, goals: p != targets  # noqa: E731
+        else:
+            todo, fooled = torch.nonzero(chosen).flatten(), None
+
+        def emit(done: Finished) -> None:
+            pred[done.index] = done.pred.cpu().to(pred.dtype)
+
+        torch.manual_seed(s.seed)
+        run_attack(self.model, self.source, todo, atk, self.engine, goal_fn=lambda t: t, emit=emit,
+                   fooled_fn=fooled, noise_fn=per_sample_noise(s.seed, f"check{tag}/{self.split}", name))
+        return pred
+
+    def noise_pred(self, eps: float) -> torch.Tensor:
+        draw = per_sample_noise(self.settings.seed, f"noise/{self.split}", "uniform")
+        spec = PGDSpec("Linf", eps, 0.0, 0)
+        preds = []
+        for chunk in torch.arange(len(self.source)).split(self.engine.batch_size):
+            images, _ = self.source.batch(chunk, self.engine.device, self.engine.memory_format)
+            noisy = (images + draw(chunk, spec, tuple(images.shape[1:])).to(images.device)).clamp(0, 1)
+            preds.append(predict(self.model, noisy).cpu())
+        return torch.cat(preds).to(self.clean_pred.dtype)
+
+
+# --------------------------------------------------------------------------- the checks
+def check_monotone(rows: Sequence[dict], key: str) -> Check:
+    rise, where = 0.0, ""
+    series: dict[tuple, list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["split"], row["attack"]), []).append(row)
+    for (split, attack), chosen in series.items():
+        chosen = sorted(chosen, key=lambda r: r["eps"])
+        for before, after in zip(chosen, chosen[1:]):
+            if before.get(key) is not None and after.get(key) is not None and after[key] - before[key] > rise:
+                rise, where = after[key] - before[key], f"{split} {attack} at eps {after['eps']:.4g}"
+    detail = f"largest rise of {key} with eps" + (f": {where}; more steps or restarts needed" if rise > 0 else "")
+    return Check("a", "monotone", _verdict(rise <= 1e-12), rise, detail)
+
+
+def check_unbounded(subset: _Subset, key: str) -> Check:
+    value = subset.metric_of(subset.attacked_pred("pgd", 1.0))
+    limit = 0.01 if subset.classification else 0.1
+    return Check("b", "unbounded budget", _verdict(value <= limit), value,
+                 f"{key} under PGD at L-inf eps = 1 (must be <= {limit}); otherwise gradients are masked")
+
+
+def check_single_step(subset: _Subset, eps_values: Sequence[float], pgd_metric: Callable[[float], float]) -> Check:
+    gaps = {eps: pgd_metric(eps) - subset.metric_of(subset.attacked_pred("fgsm", eps)) for eps in eps_values}
+    eps, gap = max(gaps.items(), key=lambda item: item[1]) if gaps else (0.0, 0.0)
+    return Check("c", "iterative beats single-step", _verdict(gap <= 0.005), gap,
+                 f"largest PGD - FGSM over eps <= 16/255 (at {eps * 255:.3g}/255); must be <= 0.005")
+
+
+def check_converged(subset: _Subset, eps: float, pgd: float) -> Check:
+    steps = 5 * subset.settings.steps
+    pred = subset.attacked_pred("pgd", eps, steps=steps, tag="x5")
+    if subset.classification:
+        for restart in range(RESTARTS):
+            again = subset.attacked_pred("pgd", eps, steps=steps, random_start=True, tag=f"restart{restart}")
+            wrong = again != subset.labels
+            pred[wrong & (pred == subset.labels)] = again[wrong & (pred == subset.labels)]
+    strong = subset.metric_of(pred)
+    extra = f" + {RESTARTS} random restarts" if subset.classification else ""
+    return Check("d", "converged", _verdict(abs(pgd - strong) < POINTS), pgd - strong,
+                 f"PGD-{subset.settings.steps} minus PGD-{steps}{extra} at eps {eps * 255:.3g}/255; "
+                 f"must move < {POINTS}, else raise --steps")
+
+
+def check_black_box(subset: _Subset, eps: float, pgd: _PGDResults) -> Check:
+    """Square only where PGD failed: what it fools there is what the gradient missed."""
+    if not subset.classification:
+        return Check("e", "white-box beats black-box", "SKIP", None, "Square is a classification attack")
+    pgd_robust = pgd.robust(eps)
+    queries = subset.settings.square_queries
+    pred = subset.attacked_pred("square", eps, steps=queries, only=pgd_robust)
+    extra = (pgd_robust & (pred != subset.labels)).double().mean().item()
+    return Check("e", "white-box beats black-box", _verdict(extra <= POINTS), extra,
+                 f"fraction fooled by Square ({queries} queries) among the {int(pgd_robust.sum())} samples PGD "
+                 f"left robust at eps {eps * 255:.3g}/255; must be <= {POINTS}")
+
+
+def check_noise(subset: _Subset, eps: float, pgd: float) -> Check:
+    clean = subset.clean_metric()
+    noise_drop, pgd_drop = clean - subset.metric_of(subset.noise_pred(eps)), clean - pgd
+    ok = noise_drop <= max(0.5 * pgd_drop, 0.01)
+    return Check("f", "noise is weaker than PGD", _verdict(ok), noise_drop,
+                 f"drop under uniform noise at eps {eps * 255:.3g}/255 vs {pgd_drop:.4f} under PGD; "
+                 "must be at most half of it")
+
+
+def check_gradients(subset: _Subset) -> Check:
+    zero = 0
+    for chunk in torch.arange(len(subset.source)).split(subset.engine.batch_size):
+        images, targets = subset.source.batch(chunk, subset.engine.device, subset.engine.memory_format)
+        images.requires_grad_(True)
+        loss = F.cross_entropy(forward(subset.model, images).float(), targets, reduction="sum")
+        grad = torch.autograd.grad(loss, images)[0]
+        zero += (grad.flatten(1).abs().amax(1) == 0).sum().item()
+    fraction = zero / len(subset.source)
+    return Check("g", "gradients", _verdict(zero == 0), fraction, "fraction of samples whose input gradient is exactly 0")
+
+
+@torch.no_grad()
+def check_logits(subset: _Subset) -> Check:
+    images, _ = subset.source.batch(torch.arange(min(len(subset.source), subset.engine.batch_size)),
+                                    subset.engine.device, subset.engine.memory_format)
+    first, second = forward(subset.model, images).float(), forward(subset.model, images).float()
+    probabilities = bool(first.min() >= 0 and first.max() <= 1 and torch.allclose(first.sum(1), torch.ones_like(first.sum(1)), atol=1e-3))
+    diff = (first - second).abs().max().item()
+    ok = not probabilities and diff <= 1e-5
+    detail = ("max difference of two forward passes; " +
+              ("outputs look like probabilities: return logits" if probabilities else "outputs are logits"))
+    return Check("h", "logits and determinism", _verdict(ok), diff, detail)
+
+
+# --------------------------------------------------------------------------- entry point
+def median_eps(eps_list: Sequence[float]) -> float:
+    positive = sorted(e for e in eps_list if 0 < e <= 1)
+    return positive[(len(positive) - 1) // 2] if positive else 8 / 255
+
+
+def run_checks(model: nn.Module, source: SplitSource, settings: CheckSettings, engine: Engine, rows: Sequence[dict], *,
+               split: str, sweep_state: dict | None = None, on_line: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """Run the checklist on a stratified subset of ``source``; returns one dict per check."""
+    indices = stratified_subset(range(len(source)), source.labels, settings.limit, settings.seed)
+    subset = _Subset(model, source, settings, engine, split, indices)
+    key = primary_metric(settings.task)
+    linf = [e for e in settings.eps_list if 0 < e <= CHECK_EPS_MAX] if settings.norm == "Linf" else LINF_CHECK_EPS
+    middle = median_eps(settings.eps_list if settings.norm == "Linf" else LINF_CHECK_EPS)
+    pgd_metric = _PGDResults(subset, sweep_state, settings)
+    results = [check_monotone(rows, key)]
+    for make in (lambda: check_unbounded(subset, key), lambda: check_single_step(subset, linf, pgd_metric),
+                 lambda: check_converged(subset, middle, pgd_metric(middle)),
+                 lambda: check_black_box(subset, middle, pgd_metric),
+                 lambda: check_noise(subset, middle, pgd_metric(middle)),
+                 lambda: check_gradients(subset), lambda: check_logits(subset)):
+        results.append(make())
+    for check in results:
+        on_line(check.line())
+    return [asdict(check) for check in results]
+
+
+class _PGDResults:
+    """PGD on the subset at eps: the sweep's own per-sample results where it ran ``pgd`` at
+    that eps, else a fresh run (memoised)."""
+
+    def __init__(self, subset: _Subset, sweep_state: dict | None, settings: CheckSettings) -> None:
+        self.subset = subset
+        self.done = list((sweep_state or {}).get("done_eps", []))
+        self.swept = (sweep_state or {}).get("attacks", {}).get("pgd") if settings.norm == "Linf" else None
+        self.index = torch.tensor(subset.indices, dtype=torch.long)
+        self.preds: dict[float, torch.Tensor] = {}
+        self.metrics: dict[float, float] = {}
+
+    def reused(self, eps: float) -> bool:
+        return self.swept is not None and eps in self.done
+
+    def pred(self, eps: float) -> torch.Tensor:
+        """Per-sample predictions (classification)."""
+        if eps not in self.preds:
+            if self.reused(eps):
+                wrong = self.swept["wrong_eps"][self.index] <= eps
+                self.preds[eps] = torch.where(wrong, self.swept["pred"][self.index], self.subset.labels)
+            else:
+                self.preds[eps] = self.subset.attacked_pred("pgd", eps)
+        return self.preds[eps]
+
+    def robust(self, eps: float) -> torch.Tensor:
+        return self.pred(eps) == self.subset.labels
+
+    def __call__(self, eps: float) -> float:
+        if eps not in self.metrics:
+            if self.subset.classification:
+                self.metrics[eps] = self.subset.metric_of(self.pred(eps))
+            elif self.reused(eps):
+                cm = self.swept["cms"][self.done.index(eps)][self.index].sum(0)
+                self.metrics[eps] = compute_metrics("segmentation", cm, self.subset.settings.class_names)["dice_mean"]
+            else:
+                self.metrics[eps] = self.subset.metric_of(self.subset.attacked_pred("pgd", eps))
+        return self.metrics[eps]
+
