@@ -2,11 +2,12 @@
 
 Example::
 
-    python main.py --task classification --attack pgd --eps-list 0 2/255 8/255 --limit 64
+    python main.py --task segmentation --attack pgd,segpgd,cospgd --eps-list 0 2/255 8/255
 
-Loads ``<out>/checkpoints/best.pt``, sweeps the attack over the eps list on the val and
-test splits (see ``sweep.py``) and writes ``results.csv``, ``results.json``, the figures
-and ``report.md`` into ``--out`` (see ``report.py``).
+Loads ``<out>/checkpoints/best.pt``, sweeps each attack over the eps list on the val and
+test splits (see ``sweep.py``; the attacks themselves are in ``attacks.py``), runs the
+gradient-masking checklist (``checks.py``) and writes ``results.csv``, ``results.json``, the
+figures and ``report.md`` into ``--out`` (see ``report.py``).
 """
 from __future__ import annotations
 
@@ -18,19 +19,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attacks import ATTACKS, Attack, attack_info, build_attack
+from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
-from dataset import build_splits, make_loader
+from checks import CheckSettings, run_checks
+from dataset import CLASS_NAMES, build_splits
+from engine import Engine
 from report import Report, library_versions
+from splitdata import load_split
 from sweep import SweepSpec, run_split
-from utils import (ArgumentParser, CheckpointError, UsageError, check_writable_dir, parse_fraction,
-                   resolve_device, run_cli, seed_everything)
+from utils import (PRECISIONS, ArgumentParser, CheckpointError, UsageError, check_writable_dir, parse_fraction,
+                   peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
 #: The original study's segmentation target: background->nucleus, cytoplasm->background,
 #: nucleus->cytoplasm.
 DEFAULT_TARGET_MAP = (2, 0, 1)
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -40,7 +45,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--task", default="classification", choices=TASKS)
     parser.add_argument("--checkpoint", default=None, help="default: <out>/checkpoints/best.pt")
     parser.add_argument("--data", default=None, help="default: the checkpoint's data, else synthetic")
-    parser.add_argument("--attack", default="pgd", help=f"one of: {', '.join(ATTACKS)}")
+    parser.add_argument("--attack", default="pgd",
+                        help=f"one attack or a comma list (adds a worst-case row), of: {', '.join(ATTACKS)}")
     parser.add_argument("--eps-list", nargs="+", default=list(DEFAULT_EPS),
                         help="perturbation budgets in [0, 1], e.g. 0 8/255 0.03")
     parser.add_argument("--steps", type=int, default=10, help="attack iterations (Square: queries)")
@@ -61,6 +67,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="default: Classification/ or Segmentation/")
     parser.add_argument("--examples", type=int, default=4, help="examples in Images/images.png")
     parser.add_argument("--resume", action="store_true", help="skip rows already computed in --out")
+    parser.add_argument("--engine", default="fast", choices=["fast", "library"],
+                        help="fast: the PGD family runs packed, with early stop (default); library: as built")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="autocast for the attack's forward/backward; auto: bf16 where native, else fp32")
+    parser.add_argument("--memory-format", default="channels_last", choices=list(MEMORY_FORMATS),
+                        help="memory format of the fast engine's model and batches")
+    parser.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+                        help="fast engine: iterate every sample for all steps (as the library does)")
+    parser.add_argument("--max-memory", type=float, default=4.0,
+                        help="GiB a split may take in memory (uint8); larger splits are read from disk")
+    parser.add_argument("--no-checks", dest="checks", action="store_false", help="skip the gradient-masking checklist")
+    parser.add_argument("--check-limit", type=int, default=64, help="samples the checklist runs on (stratified)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -97,10 +115,32 @@ def parse_target_map(text: str | None, num_classes: int) -> list[int]:
     return mapping
 
 
+def parse_attack_list(text: str, task: str, targeted: bool) -> list[str]:
+    """``--attack pgd,segpgd`` as a list of registered names that all fit the task and one norm."""
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        info = attack_info(name)
+        if not info.supports(task):
+            raise UsageError(f"--attack {name} does not support {task}; use one of "
+                             f"{', '.join(n for n, i in ATTACKS.items() if i.supports(task))}")
+        if targeted and not info.targeted:
+            raise UsageError(f"--attack {name} has no targeted mode; drop --targeted or use one of "
+                             f"{', '.join(n for n, i in ATTACKS.items() if i.targeted and i.supports(task))}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise UsageError(f"--attack lists {', '.join(duplicates)} more than once; name each attack once")
+    norms = {attack_info(name).norm for name in names}
+    if len(norms) > 1:
+        raise UsageError(f"--attack {text} mixes norms ({', '.join(sorted(norms))}): one eps list bounds one norm; "
+                         "sweep L-inf and L2 attacks separately")
+    return names
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Turn bad flag combinations into one-line usage errors before any work."""
-    info = attack_info(args.attack)
-    args.eps_values = parse_eps_list(args.eps_list, info.norm)
+    args.attacks = parse_attack_list(args.attack, args.task, args.targeted)
+    args.norm = attack_info(args.attacks[0]).norm
+    args.eps_values = parse_eps_list(args.eps_list, args.norm)
     checks = [
         (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
         (args.alpha is not None and not args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
@@ -108,14 +148,12 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.limit is not None and args.limit < 1, f"--limit must be >= 1, got {args.limit}"),
         (args.examples < 0, f"--examples must be >= 0, got {args.examples}"),
         (args.workers < 0, f"--workers must be >= 0, got {args.workers}"),
-        (args.task == "segmentation" and not info.segmentation,
-         f"--attack {args.attack} does not support segmentation; use one of "
-         f"{', '.join(n for n, i in ATTACKS.items() if i.segmentation)}"),
-        (args.targeted and not info.targeted,
-         f"--attack {args.attack} has no targeted mode; drop --targeted or use one of "
-         f"{', '.join(n for n, i in ATTACKS.items() if i.targeted)}"),
+        (args.check_limit < 1, f"--check-limit must be >= 1, got {args.check_limit}"),
+        (not args.max_memory >= 0, f"--max-memory must be >= 0 GiB, got {args.max_memory}"),
         (args.target_class is not None and (args.task != "classification" or not args.targeted),
          "--target-class needs --targeted and --task classification (segmentation uses --target-map)"),
+        (args.target_class is not None and not 0 <= args.target_class < len(CLASS_NAMES),
+         f"--target-class must be in [0, {len(CLASS_NAMES) - 1}], got {args.target_class}"),
         (args.target_map is not None and (args.task != "segmentation" or not args.targeted),
          "--target-map needs --targeted and --task segmentation (classification uses --target-class)"),
     ]
@@ -161,19 +199,36 @@ def alpha_for(args: argparse.Namespace, eps: float) -> float:
     return args.alpha if args.alpha is not None else 2.5 * eps / args.steps
 
 
-def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, device: torch.device) -> dict:
+def seeded_per_sample(args: argparse.Namespace, model: nn.Module, num_classes: int) -> dict[str, bool]:
+    """Which attacks the fast engine runs with per-sample random streams (the others draw
+    from one stream per call, so their numbers depend on the batch size)."""
+    return {name: args.engine == "fast" and fast_spec(build_attack(
+        name, model, 1 / 255, steps=args.steps, alpha=alpha_for(args, 1 / 255), num_classes=num_classes)) is not None
+        for name in args.attacks}
+
+
+def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, engine: Engine,
+                 per_sample: dict[str, bool]) -> dict:
     """Everything that decides the numbers (compared on --resume) plus provenance."""
     return {
-        "task": args.task, "attack": args.attack, "norm": ATTACKS[args.attack].norm,
+        "task": args.task, "attack": args.attack, "attacks": list(args.attacks), "norm": args.norm,
         "steps": args.steps, "alpha": args.alpha if args.alpha is not None else "2.5*eps/steps",
         "random_start": args.random_start, "targeted": args.targeted,
         "target_class": args.target_class, "target_map": args.target_map,
         "seed": args.seed, "data": args.data, "limit": args.limit,
         "checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt_sha,
         "class_names": list(ckpt["class_names"]), "splits": list(dict.fromkeys(args.splits)),
-        "eps_list": args.eps_values, "device": str(device), "batch_size": args.batch_size,
+        "eps_list": args.eps_values, "device": engine.device.type, "batch_size": args.batch_size,
+        "engine": engine.kind, "precision": str(engine.autocast or torch.float32).replace("torch.", ""),
+        "memory_format": args.memory_format, "early_stop": engine.early_stop,
+        "per_sample_seeding": per_sample, "numbers_depend_on_batch_size": not all(per_sample.values()),
         "versions": library_versions(),
     }
+
+
+def format_eps(eps: float, norm: str) -> str:
+    """L-inf budgets as x/255 (pixel grey levels), L2 budgets as plain numbers."""
+    return f"{eps * 255:.4g}/255" if norm == "Linf" else f"{eps:.4g}"
 
 
 def log_row(report: Report, row: dict, norm: str) -> None:
@@ -181,45 +236,71 @@ def log_row(report: Report, row: dict, norm: str) -> None:
     report.add_row(row)
     key = "accuracy" if "accuracy" in row else "dice_mean"
     worst = row["linf_max"] if norm == "Linf" else row["l2_max"]
-    eps = f"{row['eps'] * 255:.4g}/255" if norm == "Linf" else f"{row['eps']:.4g} (L2)"
-    print(f"{row['split']:>5} eps={eps:<12} {key} {row[key]:.4f}  "
+    print(f"{row['split']:>5} {row['attack']:>10} eps={format_eps(row['eps'], norm):<10} {key} {row[key]:.4f}  "
           f"sanity ok: max {norm} {worst:.6f} <= eps, finite, in [0, 1]  ({row['seconds']:.1f} s)")
+
+
+def build_engine(args: argparse.Namespace, device: torch.device) -> Engine:
+    return Engine(kind=args.engine, device=device, batch_size=args.batch_size,
+                  autocast=resolve_precision(args.precision, device),
+                  memory_format=MEMORY_FORMATS[args.memory_format] if args.engine == "fast" else torch.contiguous_format,
+                  early_stop=args.early_stop)
 
 
 def main(args: argparse.Namespace) -> Report:
     validate_args(args)
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
     args.checkpoint = Path(args.checkpoint or args.out / "checkpoints" / "best.pt")
-    device = resolve_device(args.device)  # a usage error: before --out is created
+    device = resolve_device(args.device)  # usage errors come before --out is created
+    engine = build_engine(args, device)
     check_writable_dir(args.out)
     seed_everything(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     ckpt, model = load_model(args, device)
+    model = model.to(memory_format=engine.memory_format)
     if args.data is None:
         args.data = (ckpt.get("args") or {}).get("data")
     num_classes = len(ckpt["class_names"])
     target_fn = make_target_fn(args, num_classes)
-    report = Report(args.out, args.task, sweep_config(args, ckpt, file_sha256(args.checkpoint), device),
-                    splits=list(dict.fromkeys(args.splits)), eps_list=args.eps_values, resume=args.resume)
-    info = ATTACKS[args.attack]
+    per_sample = seeded_per_sample(args, model, num_classes)
+    for name in (n for n, seeded in per_sample.items() if args.engine == "fast" and not seeded):
+        print(f"note: {name} has no fast path; it runs as its torchattacks/cleverhans object")
+    config = sweep_config(args, ckpt, file_sha256(args.checkpoint), engine, per_sample)
+    report = Report(args.out, args.task, config, splits=list(dict.fromkeys(args.splits)),
+                    eps_list=args.eps_values, attacks=args.attacks, resume=args.resume)
     spec = SweepSpec(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,
-                     attack=args.attack, norm=info.norm, eps_bounded=info.eps_bounded,
-                     targeted=args.targeted, seed=args.seed, examples=args.examples,
-                     fingerprint=report.fingerprint)
+                     attacks=tuple(args.attacks), norm=args.norm, targeted=args.targeted, seed=args.seed,
+                     min_norm=tuple(n for n in args.attacks if not attack_info(n).eps_bounded),
+                     examples=args.examples, fingerprint=report.fingerprint)
 
-    def make_attack(eps: float) -> Attack:
-        return build_attack(args.attack, model, eps, steps=args.steps, alpha=alpha_for(args, eps),
+    def make_attack(name: str, eps: float) -> Attack:
+        return build_attack(name, model, eps, steps=args.steps, alpha=alpha_for(args, eps),
                             random_start=args.random_start, num_classes=num_classes,
                             targeted=args.targeted, seed=args.seed)
 
+    sources, states = {}, {}
     for split, dataset in load_splits(args, ckpt).items():
-        loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
-                             device=device, seed=args.seed)
-        examples = run_split(model, loader, spec, split=split, make_attack=make_attack,
-                             target_fn=target_fn, device=device,
-                             on_row=lambda row: log_row(report, row, info.norm),
-                             state_dir=args.out / ".sweep_state", resume=args.resume)
-        report.add_examples(split, examples)
+        sources[split], note = load_split(dataset, task=args.task, image_size=ckpt["image_size"],
+                                          max_bytes=args.max_memory * 2**30, pin=device.type == "cuda",
+                                          workers=args.workers)
+        if note:
+            print(f"note: split {split}: {note}")
+        states[split] = run_split(model, sources[split], spec, engine, split=split, make_attack=make_attack,
+                                  target_fn=target_fn, on_row=lambda row: log_row(report, row, args.norm),
+                                  state_dir=args.out / ".sweep_state", resume=args.resume)
+        report.add_examples(split, states[split]["examples"])
+    if args.checks:
+        split = "test" if "test" in sources else list(sources)[-1]
+        settings = CheckSettings(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,
+                                 norm=args.norm, steps=args.steps, alpha=args.alpha, random_start=args.random_start,
+                                 seed=args.seed, limit=args.check_limit)
+        print(f"gradient-masking checklist on {args.check_limit} (at most) {split} samples:")
+        report.add_checks(run_checks(model, sources[split], settings, engine, report.sorted_rows(), split=split,
+                                     sweep_state=states[split] if not args.targeted else None, on_line=print))
+    report.config["memory"] = peak_memory_mb(device)
     report.finish()
+    print(f"peak memory: {report.config['memory']}")
     print(f"wrote {args.out / 'results.csv'} and {args.out / 'report.md'}")
     return report
 

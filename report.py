@@ -25,8 +25,9 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from utils import ToolError, atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
 
 #: Config fields that change the numbers: a --resume with any of them different is refused.
-RESUME_FIELDS = ("task", "checkpoint_sha256", "attack", "steps", "alpha", "random_start", "targeted",
-                 "target_class", "target_map", "seed", "data", "limit")
+RESUME_FIELDS = ("task", "checkpoint_sha256", "attacks", "steps", "alpha", "random_start", "targeted",
+                 "target_class", "target_map", "seed", "data", "limit", "engine", "precision", "memory_format",
+                 "early_stop", "device")
 HEAD_COLUMNS = ("split", "attack", "eps", "eps_255", "n")
 MASK_COLOURS = ListedColormap(["#f4e6a6", "#c77dba", "#3b1f6b"])  # background, cytoplasm, nucleus
 
@@ -41,9 +42,15 @@ def library_versions() -> dict:
     return versions
 
 
+def resume_fields(config: dict) -> tuple[str, ...]:
+    """The config fields that decide the numbers: the batch size too when an attack draws
+    its randomness per call rather than per sample (APGD, Square, library PGD, ...)."""
+    return RESUME_FIELDS + (("batch_size",) if config.get("numbers_depend_on_batch_size") else ())
+
+
 def config_fingerprint(config: dict) -> str:
     """A short hash of the fields that decide the numbers (stored in the sweep state files)."""
-    subset = {key: config.get(key) for key in RESUME_FIELDS}
+    subset = {key: config.get(key) for key in resume_fields(config)}
     return hashlib.sha256(json.dumps(subset, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -62,7 +69,7 @@ def previous_rows(out: Path, config: dict) -> list[dict]:
         old_config, rows = previous["config"], previous["rows"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ToolError(f"{path} is unreadable ({err}); use another --out or drop --resume") from err
-    for key in RESUME_FIELDS:
+    for key in dict.fromkeys(resume_fields(old_config) + resume_fields(config)):
         if old_config.get(key) != config.get(key):
             raise ToolError(f"results in {out} were made with a different config ({key}: "
                             f"{old_config.get(key)} vs {config.get(key)}); use another --out or drop --resume")
@@ -70,26 +77,34 @@ def previous_rows(out: Path, config: dict) -> list[dict]:
 
 
 class Report:
-    """Collects rows (keyed by split and eps) and writes every output file of a sweep."""
+    """Collects rows (keyed by split, eps and attack) and writes every output file of a sweep."""
 
     def __init__(self, out: str | Path, task: str, config: dict, *, splits: Sequence[str],
-                 eps_list: Sequence[float], resume: bool = False) -> None:
+                 eps_list: Sequence[float], attacks: Sequence[str] = ("pgd",), resume: bool = False) -> None:
         self.out, self.task, self.config = Path(out), task, dict(config)
         self.splits, self.eps_list = list(splits), [float(e) for e in eps_list]
+        self.attacks = [*attacks, "worst"] if len(attacks) > 1 else list(attacks)
         self.fingerprint = config_fingerprint(self.config)
         self.examples: dict[str, dict] = {}
-        self.rows: dict[tuple[str, float], dict] = {}
+        self.checks: list[dict] | None = None
+        self.rows: dict[tuple[str, float, str], dict] = {}
         for row in previous_rows(self.out, self.config) if resume else []:
             self._keep(row)
 
+    @property
+    def norm(self) -> str:
+        return self.config.get("norm", "Linf")
+
     def _keep(self, row: dict) -> None:
-        key = (row["split"], float(row["eps"]))
-        if key[0] in self.splits and key[1] in self.eps_list:
+        key = (row["split"], float(row["eps"]), row.get("attack"))
+        if key[0] in self.splits and key[1] in self.eps_list and key[2] in self.attacks:
             self.rows[key] = row
 
     def sorted_rows(self) -> list[dict]:
-        order = {name: i for i, name in enumerate(self.splits)}
-        return [self.rows[key] for key in sorted(self.rows, key=lambda k: (order[k[0]], k[1]))]
+        split_order = {name: i for i, name in enumerate(self.splits)}
+        attack_order = {name: i for i, name in enumerate(self.attacks)}
+        keys = sorted(self.rows, key=lambda k: (split_order[k[0]], k[1], attack_order[k[2]]))
+        return [self.rows[key] for key in keys]
 
     def columns(self) -> list[str]:
         rest: list[str] = []
@@ -100,38 +115,48 @@ class Report:
     def add_row(self, row: dict) -> None:
         """Record a finished row and rewrite results.csv and results.json."""
         row = {key: _clean(value) for key, value in row.items()}
-        row["eps_255"] = round(float(row["eps"]) * 255, 4)
+        row["eps_255"] = round(float(row["eps"]) * 255, 4) if self.norm == "Linf" else None
         self._keep(row)
         self.write_tables()
 
     def add_examples(self, split: str, examples: dict) -> None:
         self.examples[split] = examples
 
+    def add_checks(self, checks: list[dict]) -> None:
+        self.checks = [{key: _clean(value) for key, value in check.items()} for check in checks]
+
     def write_tables(self) -> None:
         columns = self.columns()
         rows = [{col: row.get(col) for col in columns} for row in self.sorted_rows()]
         atomic_write_csv(self.out / "results.csv", rows, columns)
-        atomic_write_json(self.out / "results.json", {"config": self.config, "rows": rows})
+        payload = {"config": self.config, "rows": rows}
+        if self.checks is not None:
+            payload["checks"] = self.checks
+        atomic_write_json(self.out / "results.json", payload)
 
     def finish(self) -> None:
-        """Tables, robustness curve, example grid and report.md."""
+        """Tables, robustness curves, example grid and report.md."""
         self.write_tables()
         images = self.out / "Images"
         curve = images / ("AccClassif.png" if self.task == "classification" else "AccSegme.png")
-        plot_curve(self.sorted_rows(), self.task, self.splits, curve)
+        plot_curves(self.sorted_rows(), self.task, self.splits, self.attacks, self.norm, curve)
         grid = None
-        if self.examples and any(len(ex["label"]) for ex in self.examples.values()):
-            split = "test" if "test" in self.examples else list(self.examples)[-1]
+        shown_splits = [split for split, ex in self.examples.items() if len(ex["label"])]
+        if shown_splits:
+            split = "test" if "test" in shown_splits else shown_splits[-1]
             grid = images / "images.png"
-            plot_examples(self.examples[split], self.task, self.config.get("class_names"), split,
-                          self.config.get("attack", ""), grid)
+            shown = self.attacks[0] if len(self.attacks) == 1 else "worst case of " + ", ".join(self.attacks[:-1])
+            plot_examples(self.examples[split], self.task, self.config.get("class_names"), split, shown,
+                          self.norm, grid)
         atomic_write_text(self.out / "report.md", render_markdown(self, curve, grid))
 
 
 # --------------------------------------------------------------------------- figures
-def _series(rows: list[dict], split: str, key: str) -> tuple[list[float], list[float]]:
-    chosen = [row for row in rows if row["split"] == split and row.get(key) is not None]
-    return [row["eps_255"] for row in chosen], [row[key] for row in chosen]
+def eps_axis(rows: list[dict], norm: str) -> tuple[str, list[float]]:
+    """The x label and values: L-inf eps in grey levels (x/255), L2 eps as plain numbers."""
+    if norm == "Linf":
+        return "eps (x/255, L-inf)", [row["eps"] * 255 for row in rows]
+    return "eps (L2)", [row["eps"] for row in rows]
 
 
 def _dice_keys(rows: list[dict]) -> list[str]:
@@ -139,23 +164,31 @@ def _dice_keys(rows: list[dict]) -> list[str]:
     return [k for k in keys if k not in ("dice_mean", "dice_background")]
 
 
-def plot_curve(rows: list[dict], task: str, splits: Sequence[str], path: Path) -> None:
-    """Accuracy (classification) or Dice (segmentation) against eps*255, one colour per split."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    keys = ["accuracy"] if task == "classification" else ["dice_mean", *_dice_keys(rows)]
-    styles = ["-", "--", ":", "-."]
-    for colour, split in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, splits):
-        for style, key in zip(styles * 4, keys):
-            xs, ys = _series(rows, split, key)
-            ax.plot(xs, ys, style, marker="o", color=colour, label=f"{split} {key}")
-    positive = [row["eps_255"] for row in rows if row["eps_255"] > 0]
-    if positive and max(positive) / min(positive) > 20:
-        ax.set_xscale("symlog", linthresh=min(positive))
-    ax.set_xlabel("eps (x/255)")
-    ax.set_ylabel("accuracy" if task == "classification" else "Dice")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def plot_curves(rows: list[dict], task: str, splits: Sequence[str], attacks: Sequence[str], norm: str,
+                path: Path) -> None:
+    """Accuracy or mean Dice against eps: one panel per split, one line per attack and a bold
+    worst-case line (a single segmentation attack also shows its per-class Dice)."""
+    key = "accuracy" if task == "classification" else "dice_mean"
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, split in zip(axes[0], splits):
+        for colour, attack in zip(colours * 4, attacks):
+            chosen = [row for row in rows if row["split"] == split and row["attack"] == attack
+                      and row.get(key) is not None]
+            label, xs = eps_axis(chosen, norm)
+            worst = attack == "worst"
+            ax.plot(xs, [row[key] for row in chosen], "-", marker="o", color="black" if worst else colour,
+                    linewidth=3 if worst else 1.5, label=f"{attack} {key}", zorder=3 if worst else 2)
+            if task == "segmentation" and len(attacks) == 1:
+                for style, dice in zip(["--", ":", "-."], _dice_keys(chosen)):
+                    ax.plot(xs, [row[dice] for row in chosen], style, marker=".", color=colour, label=dice)
+        positive = [x for x in eps_axis([r for r in rows if r["split"] == split], norm)[1] if x > 0]
+        if positive and max(positive) / min(positive) > 20:
+            ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set(xlabel=eps_axis([], norm)[0], ylabel="accuracy" if task == "classification" else "Dice",
+               title=split, ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
@@ -171,15 +204,19 @@ def _amplified(delta) -> np.ndarray:
     return np.clip((delta / (2 * scale) + 0.5).permute(1, 2, 0).numpy(), 0, 1)
 
 
+def _eps_text(eps: float, norm: str) -> str:
+    return f"{eps * 255:.3g}/255" if norm == "Linf" else f"{eps:.3g}"
+
+
 def plot_examples(examples: dict, task: str, class_names: Sequence[str] | None, split: str,
-                  attack: str, path: Path) -> None:
+                  attack: str, norm: str, path: Path) -> None:
     """Rows: examples. Columns: original, [label mask], one per eps, amplified perturbation."""
     originals, labels = examples["original"], examples["label"]
     eps_values, advs, preds = examples["eps"], examples["adv"], examples["pred"]
     seg = task == "segmentation"
     extra = 2 if seg else 1
     n_rows, n_cols = len(labels), extra + len(eps_values) + 1
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, 1.9 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, 1.9 * n_rows + 0.4), squeeze=False)
     name = (lambda i: str(class_names[int(i)])[:4]) if class_names else (lambda i: str(int(i)))
     for r in range(n_rows):
         axes[r, 0].imshow(_to_hwc(originals[r]))
@@ -191,18 +228,19 @@ def plot_examples(examples: dict, task: str, class_names: Sequence[str] | None, 
             ax = axes[r, extra + c]
             if seg:
                 ax.imshow(preds[c][r].numpy(), cmap=MASK_COLOURS, vmin=0, vmax=2, interpolation="nearest")
-                ax.set_title(f"eps {eps * 255:.3g}/255", fontsize=7)
+                ax.set_title(f"eps {_eps_text(eps, norm)}", fontsize=7)
             else:
                 ax.imshow(_to_hwc(advs[c][r]))
                 wrong = int(preds[c][r]) != int(labels[r])
-                ax.set_title(f"{eps * 255:.3g}: {name(preds[c][r])}/{name(labels[r])}", fontsize=7,
+                ax.set_title(f"{_eps_text(eps, norm)}: {name(preds[c][r])}/{name(labels[r])}", fontsize=7,
                              color="red" if wrong else "black")
         last = advs[-1][r] - originals[r] if advs else originals[r] * 0
         axes[r, -1].imshow(_amplified(last))
         axes[r, -1].set_title("perturbation (amp.)", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"{attack} on {split}: " + ("predicted masks" if seg else "prediction/label"), fontsize=9)
+    shown = "predicted masks" if seg else "prediction/label"
+    fig.suptitle(f"{attack} on {split}: {shown}\nrows: {examples.get('caption', 'the first samples')}", fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
@@ -223,23 +261,43 @@ def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def pivot_table(report: Report, key: str) -> str:
+    """``key`` per (split, eps) row and one column per attack (and the worst case)."""
+    table = []
+    for split in report.splits:
+        for eps in report.eps_list:
+            cells = {attack: report.rows.get((split, eps, attack), {}).get(key) for attack in report.attacks}
+            if any(value is not None for value in cells.values()):
+                table.append({"split": split, "eps": _eps_text(eps, report.norm), **cells})
+    return markdown_table(table, ["split", "eps", *report.attacks])
+
+
 def render_markdown(report: Report, curve: Path, grid: Path | None) -> str:
     rows, cfg = report.sorted_rows(), report.config
+    key = "accuracy" if report.task == "classification" else "dice_mean"
     if report.task == "classification":
         metrics = ["accuracy", "balanced_accuracy", "attack_success_rate", "linf_mean", "l2_mean"]
     else:
         metrics = ["pixel_accuracy", "dice_mean", *_dice_keys(rows), "iou_mean", "flipped_fraction"]
+    attacks = ", ".join(a for a in report.attacks if a != "worst")
     parts = [
-        f"# Adversarial robustness: {cfg.get('attack')} on {report.task}",
+        f"# Adversarial robustness: {attacks} on {report.task}",
         "",
         f"Checkpoint `{cfg.get('checkpoint')}` (sha256 `{str(cfg.get('checkpoint_sha256'))[:12]}`), "
-        f"steps {cfg.get('steps')}, alpha {cfg.get('alpha')}, random start {cfg.get('random_start')}, "
-        f"targeted {cfg.get('targeted')}, seed {cfg.get('seed')}, device {cfg.get('device')}.",
+        f"{cfg.get('norm', 'Linf')} budgets, steps {cfg.get('steps')}, alpha {cfg.get('alpha')}, "
+        f"random start {cfg.get('random_start')}, targeted {cfg.get('targeted')}, seed {cfg.get('seed')}, "
+        f"device {cfg.get('device')}, engine {cfg.get('engine')} ({cfg.get('precision')}, "
+        f"early stop {cfg.get('early_stop')}).",
         "",
         f"![robustness curve]({curve.relative_to(report.out).as_posix()})",
         "",
+        f"## {key} by attack", "", pivot_table(report, key), "",
     ]
+    if report.checks is not None:
+        parts += ["## Gradient-masking checklist", "",
+                  markdown_table(report.checks, ["id", "name", "status", "value", "detail"]), ""]
     if grid is not None:
         parts += [f"![examples]({grid.relative_to(report.out).as_posix()})", ""]
-    parts += [markdown_table(rows, ["split", "eps_255", "n", *metrics]), ""]
+    shown = [{**row, "eps": _eps_text(row["eps"], report.norm)} for row in rows]
+    parts += ["## All rows", "", markdown_table(shown, ["split", "attack", "eps", "n", *metrics]), ""]
     return "\n".join(parts)

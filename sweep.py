@@ -1,49 +1,56 @@
-"""The attack/evaluation loop: the only place attacks are run (a library: no argparse, no prints).
+"""Sweep one split over an ascending eps list and one or more attacks (AutoAttack-style).
 
-One split is swept over an ascending eps list, in the spirit of AutoAttack's evaluation:
+Attacks are run by ``engine.run_attack``; this module decides which samples to attack and
+counts the outcome:
 
-* classification keeps a per-sample worst case. A sample fooled at a smaller eps stays fooled
-  (with the prediction that fooled it) at every larger eps, and only still-robust samples are
-  attacked again, which is much faster than attacking everything at every eps;
-* segmentation attacks every image at every eps (robustness is per pixel, not per sample);
+* classification keeps a per-sample worst case for each attack: a sample wrong at a smaller
+  eps stays wrong (with the prediction that made it wrong) at every larger eps, and only
+  samples not yet fooled are attacked again. Targeted sweeps keep that accuracy worst case
+  apart from the target success (a sample keeps being attacked until it hits the target);
+* segmentation attacks every image at every eps (robustness is per pixel);
+* several attacks add a ``worst`` row: a classification sample is robust only if it survives
+  every attack; a segmentation image keeps the attack with its lowest per-image mean Dice
+  and the metrics are recomputed from those images;
 * a minimum-norm attack (CW) runs once; a sample counts as fooled at eps only if its
-  perturbation norm is <= eps, otherwise its clean image is kept for that eps.
+  perturbation norm is <= eps.
 
-Before each (split, eps) row torch is reseeded from (seed, split, eps), and after each row the
-per-sample state is saved atomically to ``<state_dir>/<split>.pt``, so a killed sweep resumed
-from that state gives bit-identical rows.
+Before each (split, eps, attack) row torch is reseeded from them (library attacks draw from
+the global stream; the fast engine draws per sample), and after each eps the per-sample
+state is saved atomically to ``<state_dir>/<split>.pt``, so a killed sweep resumed from that
+state gives bit-identical rows.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from utils import ConfusionMatrix, DataError, ToolError, atomic_path, compute_metrics
+from attacks import Attack
+from engine import (NORM_TOLERANCE, Engine, Finished, check_adversarial, per_sample_noise, perturbation_norms,
+                    predict, row_seed, run_attack)
+from splitdata import SplitSource
+from utils import (ConfusionMatrix, DataError, atomic_path, compute_metrics, per_image_confusion,
+                   per_image_dice)
 
-Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-NORM_TOLERANCE = 1e-6
+WORST = "worst"
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What is swept. ``attack_all`` attacks every sample at every eps (a slow reference
-    used by the tests to check that attacking only still-robust samples changes nothing)."""
+    """What is swept. ``attack_all`` attacks every eligible sample at every eps (a slow
+    reference used by the tests to check that attacking only robust samples changes nothing)."""
 
     task: str
     class_names: Sequence[str]
     eps_list: Sequence[float]
-    attack: str
+    attacks: Sequence[str] = ("pgd",)
     norm: str = "Linf"
-    eps_bounded: bool = True
+    min_norm: Sequence[str] = ()
     targeted: bool = False
     seed: int = 0
     examples: int = 4
@@ -62,60 +69,27 @@ class RowStats:
     l2_max: float = 0.0
     seconds: float = 0.0
 
-    def add(self, delta: torch.Tensor) -> None:
-        flat = delta.detach().flatten(1).double()
-        self.add_norms(flat.abs().amax(dim=1), flat.norm(dim=1))
-
     def add_norms(self, linf: torch.Tensor, l2: torch.Tensor) -> None:
         if len(linf):
             self.n_attacked += len(linf)
-            self.linf_sum += linf.sum().item()
-            self.l2_sum += l2.sum().item()
+            self.linf_sum += linf.double().sum().item()
+            self.l2_sum += l2.double().sum().item()
             self.linf_max = max(self.linf_max, linf.max().item())
             self.l2_max = max(self.l2_max, l2.max().item())
+
+    def merge(self, other: RowStats) -> None:
+        self.n_attacked += other.n_attacked
+        self.linf_sum += other.linf_sum
+        self.l2_sum += other.l2_sum
+        self.linf_max = max(self.linf_max, other.linf_max)
+        self.l2_max = max(self.l2_max, other.l2_max)
+        self.seconds += other.seconds
 
     def means(self) -> dict:
         """Mean and max norms (the max is the row's visible sanity check against eps)."""
         n = self.n_attacked
-        return {"linf_mean": self.linf_sum / n if n else 0.0, "l2_mean": self.l2_sum / n if n else 0.0,
-                "linf_max": self.linf_max, "l2_max": self.l2_max}
-
-
-def row_seed(seed: int, split: str, eps: float) -> int:
-    """A seed for one (split, eps) row that does not depend on what ran before it."""
-    digest = hashlib.sha256(f"{seed}|{split}|{float(eps)!r}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63)
-
-
-def perturbation_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.detach().flatten(1)
-    return flat.abs().amax(dim=1) if norm == "Linf" else flat.norm(dim=1)
-
-
-def check_adversarial(images: torch.Tensor, adv: torch.Tensor, eps: float, norm: str, attack: str) -> None:
-    """Refuse a row whose adversarial images leave the threat model (a library bug or misuse)."""
-    where = f"attack {attack} at eps {eps:.6g}"
-    if not torch.isfinite(adv).all():
-        raise ToolError(f"{where} produced NaN/inf pixels; try fewer --steps or another attack")
-    if adv.min().item() < 0.0 or adv.max().item() > 1.0:
-        raise ToolError(f"{where} produced pixels outside [0, 1] "
-                        f"({adv.min().item():.4g}..{adv.max().item():.4g})")
-    worst = perturbation_norms(adv - images, norm).max().item() if len(adv) else 0.0
-    if worst > eps + NORM_TOLERANCE:
-        raise ToolError(f"{where} exceeded its budget: {norm} perturbation {worst:.6g} > eps")
-
-
-def _batches(loader: Any, device: torch.device):
-    """Yield ``(offset, images, targets)`` in loader order (the loader must not shuffle)."""
-    offset = 0
-    for images, targets in loader:
-        yield offset, images.to(device).contiguous(), targets.to(device)
-        offset += len(images)
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return model(images).argmax(dim=1)
+        return {"n_attacked": n, "linf_mean": self.linf_sum / n if n else 0.0,
+                "l2_mean": self.l2_sum / n if n else 0.0, "linf_max": self.linf_max, "l2_max": self.l2_max}
 
 
 # --------------------------------------------------------------------------- state files
@@ -136,240 +110,347 @@ def load_state(path: Path, spec: SweepSpec) -> dict | None:
     if not isinstance(state, dict) or state.get("fingerprint") != spec.fingerprint:
         return None
     done = list(state.get("done_eps", []))
-    if done != list(spec.eps_list[:len(done)]):
+    if done != [float(e) for e in spec.eps_list[:len(done)]]:
         return None
     return state
 
 
-# --------------------------------------------------------------------------- rows
-def _row_head(spec: SweepSpec, split: str, eps: float, n: int) -> dict:
-    return {"split": split, "attack": spec.attack, "eps": float(eps), "n": int(n)}
+# --------------------------------------------------------------------------- examples
+def example_indices(labels: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Up to ``k`` allowed samples, class after class: the first of each class, then the second..."""
+    by_class = [torch.nonzero(allowed & (labels == c)).flatten().tolist() for c in sorted(set(labels.tolist()))]
+    chosen: list[int] = []
+    for rank in range(max((len(members) for members in by_class), default=0)):
+        chosen += [members[rank] for members in by_class if rank < len(members)]
+    return torch.tensor(sorted(chosen[:k]), dtype=torch.long)
 
 
-def _classification_row(spec: SweepSpec, split: str, eps: float, st: dict, stats: RowStats) -> dict:
-    cm = ConfusionMatrix(len(spec.class_names))
-    cm.update(st["labels"], st["pred"])
-    eligible = st["eligible"]
-    fooled = eligible & ~st["robust"]
-    rate = fooled.sum().item() / eligible.sum().item() if eligible.any() else math.nan
-    row = _row_head(spec, split, eps, len(st["labels"]))
-    row.update(compute_metrics("classification", cm.mat, spec.class_names))
-    row.update({"attack_success_rate": rate, "n_attacked": stats.n_attacked, **stats.means(),
-                "seconds": stats.seconds})
-    return row
+def _slots(n: int, ex_index: torch.Tensor) -> torch.Tensor:
+    """Sample index -> example slot (-1 for samples that are not shown)."""
+    slots = torch.full((n,), -1, dtype=torch.long)
+    slots[ex_index] = torch.arange(len(ex_index))
+    return slots
 
 
-def _record_examples(st: dict, eps: float) -> None:
-    ex = st["examples"]
-    k = len(ex["label"])
-    ex["eps"].append(float(eps))
-    ex["adv"].append(st["ex_current"].clone())
-    ex["pred"].append(st["pred"][:k].clone() if "pred" in st else st["ex_pred"].clone())
+# --------------------------------------------------------------------------- the per-split loop
+class _SplitSweep:
+    """The eps loop shared by both tasks; subclasses attack, count and choose the worst case."""
+
+    def __init__(self, model: nn.Module, source: SplitSource, spec: SweepSpec, engine: Engine, *, split: str,
+                 make_attack: Callable[[str, float], Attack], target_fn, on_row, state_path: Path | None) -> None:
+        self.model, self.source, self.spec, self.engine, self.split = model, source, spec, engine, split
+        self.make_attack, self.on_row, self.state_path = make_attack, on_row, state_path
+        self.target_fn = target_fn if spec.targeted else (lambda targets: targets)
+
+    def run(self, state: dict | None) -> dict:
+        first_extra = 0.0
+        if state is None:
+            start = time.perf_counter()
+            state = self.initial_state()
+            first_extra = time.perf_counter() - start  # the clean pass counts to the first row
+        for eps in self.spec.eps_list[len(state["done_eps"]):]:
+            rows = self.sweep_eps(state, float(eps))
+            rows[0]["seconds"] += first_extra
+            first_extra = 0.0
+            state["done_eps"].append(float(eps))
+            state["rows"].extend(rows)
+            if self.state_path is not None:
+                save_state(self.state_path, state)
+            for row in rows:
+                self.on_row(row)
+        return state
+
+    def new_state(self, ex_index: torch.Tensor, labels: torch.Tensor, caption: str) -> dict:
+        originals, targets = self.source.batch(ex_index, torch.device("cpu"))
+        return {"fingerprint": self.spec.fingerprint, "done_eps": [], "rows": [], "ex_index": ex_index,
+                "examples": {"original": originals, "label": targets, "eps": [], "adv": [], "pred": [],
+                             "caption": caption, "class": labels[ex_index]}}
+
+    def timed_attacks(self, state: dict, eps: float, attack_one) -> dict[str, RowStats]:
+        """Run ``attack_one(name, stats)`` for every attack, each from its own row seed."""
+        stats = {}
+        for name in self.spec.attacks:
+            torch.manual_seed(row_seed(self.spec.seed, self.split, eps, name))  # library attacks' draws
+            stats[name] = RowStats()
+            start = time.perf_counter()
+            if eps > 0:
+                attack_one(name, stats[name])
+            stats[name].seconds = time.perf_counter() - start
+        return stats
+
+    def attack(self, name: str, eps: float, index: torch.Tensor, emit, fooled_fn=None) -> None:
+        atk = self.make_attack(name, eps)
+        run_attack(self.model, self.source, index, atk, self.engine, goal_fn=self.target_fn, emit=emit,
+                   fooled_fn=fooled_fn, noise_fn=per_sample_noise(self.spec.seed, self.split, name))
+
+    def head(self, attack: str, eps: float) -> dict:
+        return {"split": self.split, "attack": attack, "eps": eps, "n": len(self.source)}
+
+    def worst_stats(self, stats: dict[str, RowStats]) -> RowStats:
+        merged = RowStats()
+        for one in stats.values():
+            merged.merge(one)
+        return merged
+
+    def record_examples(self, state: dict, eps: float, adv: torch.Tensor, pred: torch.Tensor) -> None:
+        examples = state["examples"]
+        examples["eps"].append(eps)
+        examples["adv"].append(adv.clone())
+        examples["pred"].append(pred.clone())
 
 
-# --------------------------------------------------------------------------- classification
-def _clean_state(model: nn.Module, loader: Any, spec: SweepSpec, target_fn, device) -> dict:
-    labels, preds, example_images = [], [], []
-    for _, images, targets in _batches(loader, device):
-        labels.append(targets.cpu())
-        preds.append(_predict(model, images).cpu())
-        if sum(len(x) for x in example_images) < max(spec.examples, 1):
-            example_images.append(images.cpu())
-    labels, preds = torch.cat(labels), torch.cat(preds)
-    goals = target_fn(labels) if spec.targeted else labels
-    k = min(spec.examples, len(labels))
-    originals = torch.cat(example_images)[:k]
-    clean_correct = preds == labels
-    # A targeted sample whose label already is the target cannot be fooled: never attacked.
-    eligible = clean_correct & (goals != labels) if spec.targeted else clean_correct
-    return {"fingerprint": spec.fingerprint, "done_eps": [], "rows": [], "labels": labels,
-            "goals": goals, "pred": preds.clone(), "robust": eligible.clone(), "eligible": eligible,
-            "ex_current": originals.clone(),
-            "examples": {"original": originals, "label": labels[:k].clone(), "eps": [], "adv": [], "pred": []}}
+class _ClassificationSweep(_SplitSweep):
+    def initial_state(self) -> dict:
+        labels, preds = [], []
+        for chunk in torch.arange(len(self.source)).split(self.engine.batch_size):
+            images, targets = self.source.batch(chunk, self.engine.device, self.engine.memory_format)
+            labels.append(targets.cpu())
+            preds.append(predict(self.model, images).cpu())
+        labels, clean_pred = torch.cat(labels), torch.cat(preds)
+        goals = self.target_fn(labels) if self.spec.targeted else labels
+        # A targeted sample whose label already is the target cannot be fooled: never attacked.
+        eligible = (clean_pred == labels) & ((goals != labels) if self.spec.targeted else True)
+        ex_index = example_indices(labels, eligible, self.spec.examples)
+        state = self.new_state(ex_index, labels, "the first clean-correct samples of each class in turn")
+        originals = state["examples"]["original"]
+        state.update(labels=labels, goals=goals, clean_pred=clean_pred, eligible=eligible, attacks={
+            name: {"wrong_eps": torch.where(clean_pred == labels, math.inf, 0.0).double(),
+                   "pred": clean_pred.clone(), "hit": torch.zeros(len(labels), dtype=torch.bool),
+                   "ex_adv": originals.clone()} for name in self.spec.attacks})
+        return state
 
+    def sweep_eps(self, state: dict, eps: float) -> list[dict]:
+        def attack_one(name: str, stats: RowStats) -> None:
+            if name in self.spec.min_norm:
+                self.apply_min_norm(state, name, eps, stats)
+            else:
+                self.attack_robust(state, name, eps, stats)
 
-def _fooled(spec: SweepSpec, pred: torch.Tensor, labels: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
-    return pred == goals if spec.targeted else pred != labels
+        stats = self.timed_attacks(state, eps, attack_one)
+        rows = [self.row(state, name, eps, state["attacks"][name], stats[name]) for name in self.spec.attacks]
+        worst = self.worst_case(state)
+        if len(self.spec.attacks) > 1:
+            rows.append(self.row(state, WORST, eps, worst, self.worst_stats(stats)))
+        chosen = worst["chosen"][state["ex_index"]].tolist()
+        adv = [state["attacks"][self.spec.attacks[c]]["ex_adv"][k] for k, c in enumerate(chosen)]
+        adv = torch.stack(adv) if adv else state["examples"]["original"]
+        self.record_examples(state, eps, adv, worst["pred"][state["ex_index"]])
+        return rows
 
+    def todo(self, state: dict, per_attack: dict) -> torch.Tensor:
+        """The samples to attack: eligible ones not yet fooled (every eligible with ``attack_all``)."""
+        if self.spec.attack_all:
+            return state["eligible"]
+        done = per_attack["hit"] if self.spec.targeted else torch.isfinite(per_attack["wrong_eps"])
+        return state["eligible"] & ~done
 
-def _attack_robust(model: nn.Module, loader: Any, spec: SweepSpec, st: dict, attack: Attack, eps: float,
-                   device, stats: RowStats, desc: str) -> None:
-    """Attack the still-robust samples (or all, with ``attack_all``) and update the worst case."""
-    robust_before = st["robust"].clone()
-    k = len(st["ex_current"])
-    for offset, images, _ in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False):
-        idx = torch.arange(offset, offset + len(images))
-        chosen = torch.ones_like(idx, dtype=torch.bool) if spec.attack_all else robust_before[idx]
-        if not chosen.any():
-            continue
-        sel, clean = idx[chosen], images[chosen.to(device)]
-        adv = attack(clean, st["goals"][sel].to(device)).detach()
-        check_adversarial(clean, adv, eps, spec.norm, spec.attack)
-        stats.add(adv - clean)
-        pred = _predict(model, adv).cpu()
-        update = robust_before[sel]
-        sel, pred, adv = sel[update], pred[update], adv[update.to(device)].cpu()
-        st["pred"][sel] = pred
-        st["robust"][sel] = ~_fooled(spec, pred, st["labels"][sel], st["goals"][sel])
-        shown = sel < k
-        st["ex_current"][sel[shown]] = adv[shown]
+    def fooled(self, pred: torch.Tensor, targets: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
+        return pred == goals if self.spec.targeted else pred != targets
 
+    def count(self, state: dict, per_attack: dict, index: torch.Tensor, pred: torch.Tensor, eps: float) -> None:
+        """File the predictions of attacked samples: the first wrong one is kept for good."""
+        newly_wrong = (pred != state["labels"][index]) & ~torch.isfinite(per_attack["wrong_eps"][index])
+        per_attack["wrong_eps"][index[newly_wrong]] = eps
+        per_attack["pred"][index[newly_wrong]] = pred[newly_wrong]
+        if self.spec.targeted:
+            per_attack["hit"][index] |= pred == state["goals"][index]
 
-def _min_norm_attack(model: nn.Module, loader: Any, spec: SweepSpec, st: dict, attack: Attack,
-                     device, desc: str) -> None:
-    """Run a minimum-norm attack once on every eligible sample; keep its norm and prediction."""
-    n = len(st["labels"])
-    st["mn_norm"] = torch.full((n,), math.inf, dtype=torch.float64)
-    st["mn_linf"] = torch.zeros(n, dtype=torch.float64)
-    st["mn_pred"] = st["pred"].clone()
-    st["mn_examples"] = st["ex_current"].clone()
-    k = len(st["ex_current"])
-    for offset, images, _ in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False):
-        idx = torch.arange(offset, offset + len(images))
-        chosen = st["eligible"][idx]
-        if not chosen.any():
-            continue
-        sel, clean = idx[chosen], images[chosen.to(device)]
-        adv = attack(clean, st["goals"][sel].to(device)).detach()
-        check_adversarial(clean, adv, math.inf, spec.norm, spec.attack)
-        pred = _predict(model, adv).cpu()
-        success = _fooled(spec, pred, st["labels"][sel], st["goals"][sel])
-        delta = (adv - clean).cpu()
-        st["mn_norm"][sel] = torch.where(success, perturbation_norms(delta, spec.norm).double(), math.inf)
-        st["mn_linf"][sel] = perturbation_norms(delta, "Linf").double()
-        st["mn_pred"][sel] = pred
-        shown = sel < k
-        st["mn_examples"][sel[shown]] = adv.cpu()[shown]
+    def attack_robust(self, state: dict, name: str, eps: float, stats: RowStats) -> None:
+        per_attack = state["attacks"][name]
+        slots = _slots(len(self.source), state["ex_index"])
 
+        def emit(done: Finished) -> None:
+            check_adversarial(done.clean, done.adv, eps, self.spec.norm, name)
+            delta = done.adv - done.clean
+            stats.add_norms(perturbation_norms(delta, "Linf").cpu(), perturbation_norms(delta, "L2").cpu())
+            self.count(state, per_attack, done.index, done.pred.cpu(), eps)
+            shown = slots[done.index]
+            per_attack["ex_adv"][shown[shown >= 0]] = done.adv[(shown >= 0).to(done.adv.device)].float().cpu()
 
-def _apply_min_norm(spec: SweepSpec, st: dict, eps: float, stats: RowStats) -> None:
-    """Count a sample as fooled at eps if its minimum-norm perturbation fits in eps."""
-    newly = st["robust"] & (st["mn_norm"] <= eps + NORM_TOLERANCE)
-    st["pred"][newly] = st["mn_pred"][newly]
-    st["robust"][newly] = False
-    stats.add_norms(st["mn_linf"][newly], st["mn_norm"][newly])
-    k = len(st["ex_current"])
-    shown = newly[:k]
-    st["ex_current"][shown] = st["mn_examples"][shown]
+        index = torch.nonzero(self.todo(state, per_attack)).flatten()
+        self.attack(name, eps, index, emit, fooled_fn=self.fooled)
 
+    def apply_min_norm(self, state: dict, name: str, eps: float, stats: RowStats) -> None:
+        """A minimum-norm attack runs once; a sample is fooled at eps if its norm fits in eps."""
+        per_attack = state["attacks"][name]
+        if "mn_norm" not in per_attack:
+            self.run_min_norm(state, name, eps)
+        newly = self.todo(state, per_attack) & (per_attack["mn_norm"] <= eps + NORM_TOLERANCE)
+        index = torch.nonzero(newly).flatten()
+        self.count(state, per_attack, index, per_attack["mn_pred"][index], eps)
+        stats.add_norms(per_attack["mn_linf"][index], per_attack["mn_l2"][index])
+        shown = _slots(len(self.source), state["ex_index"])[index]
+        per_attack["ex_adv"][shown[shown >= 0]] = per_attack["mn_ex"][shown[shown >= 0]]
 
-def _classification_sweep(model, loader, spec, *, split, make_attack, target_fn, device, on_row,
-                          state_path, state) -> dict:
-    clean_seconds = 0.0
-    if state is None:
-        start = time.perf_counter()
-        state = _clean_state(model, loader, spec, target_fn, device)
-        clean_seconds = time.perf_counter() - start
-    for eps in spec.eps_list[len(state["done_eps"]):]:
-        torch.manual_seed(row_seed(spec.seed, split, eps))
-        start = time.perf_counter() - clean_seconds  # the clean pass counts to the first row
-        clean_seconds = 0.0
-        stats = RowStats()
-        desc = f"{split} {spec.attack} eps={eps * 255:.3g}/255"
-        if eps > 0 and spec.eps_bounded:
-            _attack_robust(model, loader, spec, state, make_attack(eps), eps, device, stats, desc)
-        elif eps > 0:
-            if "mn_norm" not in state:
-                _min_norm_attack(model, loader, spec, state, make_attack(eps), device, desc)
-            _apply_min_norm(spec, state, eps, stats)
-        stats.seconds = time.perf_counter() - start
-        row = _classification_row(spec, split, eps, state, stats)
-        _record_examples(state, eps)
-        _finish_row(state, row, eps, state_path, on_row)
-    return state["examples"]
+    def run_min_norm(self, state: dict, name: str, eps: float) -> None:
+        n = len(self.source)
+        per_attack = state["attacks"][name]
+        per_attack.update(mn_norm=torch.full((n,), math.inf, dtype=torch.float64),
+                          mn_linf=torch.zeros(n, dtype=torch.float64), mn_l2=torch.zeros(n, dtype=torch.float64),
+                          mn_pred=state["clean_pred"].clone(), mn_ex=per_attack["ex_adv"].clone())
+        slots = _slots(n, state["ex_index"])
 
+        def emit(done: Finished) -> None:
+            check_adversarial(done.clean, done.adv, math.inf, self.spec.norm, name)
+            delta, pred, index = (done.adv - done.clean).cpu(), done.pred.cpu(), done.index
+            success = self.fooled(pred, state["labels"][index], state["goals"][index])
+            own_norm = perturbation_norms(delta, self.spec.norm).double()
+            per_attack["mn_norm"][index] = torch.where(success, own_norm, math.inf)
+            per_attack["mn_linf"][index] = perturbation_norms(delta, "Linf").double()
+            per_attack["mn_l2"][index] = perturbation_norms(delta, "L2").double()
+            per_attack["mn_pred"][index] = pred
+            shown = slots[index]
+            per_attack["mn_ex"][shown[shown >= 0]] = done.adv.cpu()[shown >= 0]
 
-def _finish_row(state: dict, row: dict, eps: float, state_path: Path | None, on_row) -> None:
-    """Save the state (with the row) before reporting it, so no finished row is ever lost."""
-    state["done_eps"].append(float(eps))
-    state["rows"].append(row)
-    if state_path is not None:
-        save_state(state_path, state)
-    on_row(row)
+        self.attack(name, eps, torch.nonzero(state["eligible"]).flatten(), emit)
+
+    def worst_case(self, state: dict) -> dict:
+        """Per sample, the attack that made it wrong first (the first attack listed on ties)."""
+        names = self.spec.attacks
+        first = state["attacks"][names[0]]
+        worst = {"wrong_eps": first["wrong_eps"].clone(), "pred": first["pred"].clone(), "hit": first["hit"].clone(),
+                 "chosen": torch.zeros(len(first["pred"]), dtype=torch.long)}
+        for position, name in enumerate(names[1:], start=1):
+            other = state["attacks"][name]
+            better = other["wrong_eps"] < worst["wrong_eps"]
+            worst["wrong_eps"][better] = other["wrong_eps"][better]
+            worst["pred"][better] = other["pred"][better]
+            worst["chosen"][better] = position
+            worst["hit"] |= other["hit"]
+        return worst
+
+    def row(self, state: dict, name: str, eps: float, outcome: dict, stats: RowStats) -> dict:
+        cm = ConfusionMatrix(len(self.spec.class_names))
+        cm.update(state["labels"], outcome["pred"])
+        eligible = state["eligible"]
+        success = outcome["hit"] if self.spec.targeted else torch.isfinite(outcome["wrong_eps"])
+        rate = (eligible & success).sum().item() / eligible.sum().item() if eligible.any() else math.nan
+        row = self.head(name, eps)
+        row.update(compute_metrics("classification", cm.mat, self.spec.class_names))
+        row.update({"attack_success_rate": rate, **stats.means(), "seconds": stats.seconds})
+        return row
 
 
 # --------------------------------------------------------------------------- segmentation
-def _segmentation_row(model, loader, spec, *, split, eps, attack, target_fn, device, state) -> dict:
-    cm = ConfusionMatrix(len(spec.class_names))
-    stats, flipped, pixels, n = RowStats(), 0, 0, 0
-    k = len(state["examples"]["label"])
-    desc = f"{split} {spec.attack} eps={eps * 255:.3g}/255"
-    for offset, images, masks in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False):
-        clean_pred = _predict(model, images)
-        adv, pred = images, clean_pred
+class _SegmentationSweep(_SplitSweep):
+    def initial_state(self) -> dict:
+        num_classes = len(self.spec.class_names)
+        preds, cms = [], []
+        for chunk in torch.arange(len(self.source)).split(self.engine.batch_size):
+            images, masks = self.source.batch(chunk, self.engine.device, self.engine.memory_format)
+            pred = predict(self.model, images)
+            preds.append(pred.to(torch.uint8).cpu())
+            cms.append(per_image_confusion(masks, pred, num_classes))
+        labels = torch.tensor(self.source.labels)
+        ex_index = example_indices(labels, torch.ones(len(labels), dtype=torch.bool), self.spec.examples)
+        state = self.new_state(ex_index, labels, "the first image of each class in turn")
+        state.update(clean_pred=torch.cat(preds), clean_cm=torch.cat(cms),
+                     attacks={name: {"cms": [], "flipped": []} for name in self.spec.attacks})
+        return state
+
+    def sweep_eps(self, state: dict, eps: float) -> list[dict]:
+        n, k = len(self.source), len(state["ex_index"])
+        outcome = {name: {"cm": state["clean_cm"], "flipped": torch.zeros(n, dtype=torch.long),
+                          "linf": torch.zeros(n, dtype=torch.float64), "l2": torch.zeros(n, dtype=torch.float64),
+                          "ex_adv": state["examples"]["original"].clone(),
+                          "ex_pred": state["clean_pred"][state["ex_index"]].long()} for name in self.spec.attacks}
+
+        def attack_one(name: str, stats: RowStats) -> None:
+            self.attack_all_images(state, eps, name, outcome[name], stats)
+
+        stats = self.timed_attacks(state, eps, attack_one)
+        rows = []
+        for name in self.spec.attacks:
+            state["attacks"][name]["cms"].append(outcome[name]["cm"])
+            state["attacks"][name]["flipped"].append(outcome[name]["flipped"])
+            rows.append(self.row(state, name, eps, outcome[name]["cm"], outcome[name]["flipped"], stats[name]))
+        chosen = self.worst_choice([outcome[name]["cm"] for name in self.spec.attacks])
+        if len(self.spec.attacks) > 1:
+            rows.append(self.worst_row(state, eps, outcome, chosen, stats))
+        shown = [outcome[self.spec.attacks[c]] for c in chosen[state["ex_index"]].tolist()]
+        adv = torch.stack([o["ex_adv"][i] for i, o in enumerate(shown)]) if k else state["examples"]["original"]
+        pred = torch.stack([o["ex_pred"][i] for i, o in enumerate(shown)]) if k else state["examples"]["label"]
+        self.record_examples(state, eps, adv, pred)
+        return rows
+
+    def attack_all_images(self, state: dict, eps: float, name: str, outcome: dict, stats: RowStats) -> None:
+        num_classes = len(self.spec.class_names)
+        cm = torch.zeros_like(state["clean_cm"])
+        slots = _slots(len(self.source), state["ex_index"])
+
+        def emit(done: Finished) -> None:
+            check_adversarial(done.clean, done.adv, eps, self.spec.norm, name)
+            delta, index = done.adv - done.clean, done.index
+            linf, l2 = perturbation_norms(delta, "Linf").double().cpu(), perturbation_norms(delta, "L2").double().cpu()
+            stats.add_norms(linf, l2)
+            outcome["linf"][index], outcome["l2"][index] = linf, l2
+            cm[index] = per_image_confusion(done.targets, done.pred, num_classes)
+            clean = state["clean_pred"][index].to(done.pred.device).long()
+            outcome["flipped"][index] = (done.pred != clean).flatten(1).sum(1).cpu()
+            shown = slots[index]
+            on_device = (shown >= 0).to(done.adv.device)
+            outcome["ex_adv"][shown[shown >= 0]] = done.adv[on_device].float().cpu()
+            outcome["ex_pred"][shown[shown >= 0]] = done.pred[on_device].cpu()
+
+        self.attack(name, eps, torch.arange(len(self.source)), emit)
+        outcome["cm"] = cm
+
+    def worst_choice(self, cms: list[torch.Tensor]) -> torch.Tensor:
+        """Per image, the attack with the lowest mean Dice (the first listed on ties)."""
+        dice = torch.stack([per_image_dice(cm) for cm in cms])
+        chosen = torch.zeros(dice.shape[1], dtype=torch.long)
+        best = dice[0].clone()
+        for position in range(1, len(cms)):
+            lower = dice[position] < best
+            best[lower], chosen[lower] = dice[position][lower], position
+        return chosen
+
+    def worst_row(self, state: dict, eps: float, outcome: dict, chosen: torch.Tensor,
+                  stats: dict[str, RowStats]) -> dict:
+        per_attack = [outcome[name] for name in self.spec.attacks]
+        pick = lambda key: torch.stack([o[key] for o in per_attack])[chosen, torch.arange(len(chosen))]  # noqa: E731
+        worst_stats = RowStats(seconds=sum(s.seconds for s in stats.values()))
         if eps > 0:
-            goals = target_fn(masks) if spec.targeted else masks
-            adv = attack(images, goals).detach()
-            check_adversarial(images, adv, eps, spec.norm, spec.attack)
-            stats.add(adv - images)
-            pred = _predict(model, adv)
-        cm.update(masks, pred)
-        flipped += (pred != clean_pred).sum().item()
-        pixels += pred.numel()
-        n += len(images)
-        shown = max(0, min(k - offset, len(images)))
-        state["ex_current"][offset:offset + shown] = adv[:shown].cpu()
-        state["ex_pred"][offset:offset + shown] = pred[:shown].cpu()
-    row = _row_head(spec, split, eps, n)
-    row.update(compute_metrics("segmentation", cm.mat, spec.class_names))
-    row.update({"flipped_fraction": flipped / pixels if pixels else math.nan, **stats.means()})
-    return row
+            worst_stats.add_norms(pick("linf"), pick("l2"))
+        return self.row(state, WORST, eps, pick("cm"), pick("flipped"), worst_stats)
 
-
-def _segmentation_examples(loader, spec, device) -> dict:
-    images, masks = [], []
-    for _, batch_images, batch_masks in _batches(loader, device):
-        if images and sum(len(x) for x in images) >= spec.examples:
-            break
-        images.append(batch_images.cpu())
-        masks.append(batch_masks.cpu())
-    originals, labels = torch.cat(images)[:spec.examples], torch.cat(masks)[:spec.examples]
-    return {"fingerprint": spec.fingerprint, "done_eps": [], "rows": [],
-            "ex_current": originals.clone(), "ex_pred": labels.clone(),
-            "examples": {"original": originals, "label": labels, "eps": [], "adv": [], "pred": []}}
-
-
-def _segmentation_sweep(model, loader, spec, *, split, make_attack, target_fn, device, on_row,
-                        state_path, state) -> dict:
-    if state is None:
-        state = _segmentation_examples(loader, spec, device)
-    for eps in spec.eps_list[len(state["done_eps"]):]:
-        torch.manual_seed(row_seed(spec.seed, split, eps))
-        start = time.perf_counter()
-        attack = make_attack(eps) if eps > 0 else None
-        row = _segmentation_row(model, loader, spec, split=split, eps=eps, attack=attack,
-                                target_fn=target_fn, device=device, state=state)
-        row["seconds"] = time.perf_counter() - start
-        _record_examples(state, eps)
-        _finish_row(state, row, eps, state_path, on_row)
-    return state["examples"]
+    def row(self, state: dict, name: str, eps: float, cms: torch.Tensor, flipped: torch.Tensor,
+            stats: RowStats) -> dict:
+        pixels = state["clean_pred"].numel()
+        row = self.head(name, eps)
+        row.update(compute_metrics("segmentation", cms.sum(0), self.spec.class_names))
+        row.update({"flipped_fraction": flipped.sum().item() / pixels if pixels else math.nan, **stats.means(),
+                    "seconds": stats.seconds})
+        return row
 
 
 # --------------------------------------------------------------------------- entry point
-def run_split(model: nn.Module, loader: Any, spec: SweepSpec, *, split: str,
-              make_attack: Callable[[float], Attack],
+def run_split(model: nn.Module, source: SplitSource, spec: SweepSpec, engine: Engine = Engine(), *, split: str,
+              make_attack: Callable[[str, float], Attack],
               target_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              device: torch.device | str = "cpu", on_row: Callable[[dict], None] = lambda row: None,
+              on_row: Callable[[dict], None] = lambda row: None,
               state_dir: Path | None = None, resume: bool = False) -> dict:
-    """Sweep one split over ``spec.eps_list`` (ascending); call ``on_row`` after every row.
+    """Sweep one split over ``spec.eps_list`` (ascending) and ``spec.attacks``; call ``on_row``
+    after every row (one per attack, plus ``worst`` when there are several).
 
-    ``make_attack(eps)`` returns ``attack(images, labels) -> adversarial images`` (labels are
-    the targets from ``target_fn`` when ``spec.targeted``). With ``resume`` a matching state in
-    ``state_dir`` is continued and its finished rows are passed to ``on_row`` again.
-    Returns the example images: ``original, label`` and per eps ``eps, adv, pred`` lists.
+    ``make_attack(name, eps)`` returns ``attack(images, labels) -> adversarial images`` (labels
+    are the targets from ``target_fn`` when ``spec.targeted``). With ``resume`` a matching
+    state in ``state_dir`` is continued and its finished rows are passed to ``on_row`` again.
+    Returns the split's state: its ``rows``, per-attack per-sample outcomes and ``examples``
+    (``original, label, caption`` and per eps ``eps, adv, pred``).
     """
     if list(spec.eps_list) != sorted(set(spec.eps_list)):
         raise ValueError("eps_list must be ascending without duplicates")
     if spec.targeted and target_fn is None:
         raise ValueError("a targeted sweep needs a target_fn")
-    if len(getattr(loader, "dataset", ())) == 0 and hasattr(loader, "dataset"):
+    if len(source) == 0:
         raise DataError(f"split {split} has no samples; check --data, --splits and --limit")
     model.eval()
-    device = torch.device(device)
     state_path = Path(state_dir) / f"{split}.pt" if state_dir is not None else None
     state = load_state(state_path, spec) if resume and state_path is not None else None
     for row in (state or {}).get("rows", []):
         on_row(row)
-    sweep = _classification_sweep if spec.task == "classification" else _segmentation_sweep
-    return sweep(model, loader, spec, split=split, make_attack=make_attack, target_fn=target_fn,
-                 device=device, on_row=on_row, state_path=state_path, state=state)
+    kind = _ClassificationSweep if spec.task == "classification" else _SegmentationSweep
+    sweeper = kind(model, source, spec, engine, split=split, make_attack=make_attack, target_fn=target_fn,
+                   on_row=on_row, state_path=state_path)
+    return sweeper.run(state)

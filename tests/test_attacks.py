@@ -6,11 +6,11 @@ import argparse
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from attacks import ATTACKS, build_attack
+from engine import Engine, perturbation_norms
 from main import get_args_parser, parse_eps_list, parse_target_map, validate_args
-from sweep import SweepSpec, perturbation_norms, run_split
+from splitdata import TensorSplit
+from sweep import SweepSpec, run_split
 from utils import UsageError
 
 NUM_CLASSES = 5
@@ -141,7 +141,9 @@ def test_target_map_parsing():
 
 def test_registry_declares_norm_and_capabilities():
     assert {"fgsm", "pgd", "pgdl2", "bim", "cw", "apgd", "autoattack", "square", "ch-fgm", "ch-pgd"} <= set(ATTACKS)
-    assert {n for n, info in ATTACKS.items() if info.segmentation} == {"fgsm", "pgd", "pgdl2", "bim", "ch-fgm", "ch-pgd"}
+    assert {n for n, info in ATTACKS.items() if info.segmentation} == {
+        "fgsm", "pgd", "pgdl2", "bim", "ch-fgm", "ch-pgd", "segpgd", "segpgdl2", "cospgd", "cospgdl2"}
+    assert {n for n, info in ATTACKS.items() if not info.classification} == {"segpgd", "segpgdl2", "cospgd", "cospgdl2"}
     assert all(info.norm in ("Linf", "L2") for info in ATTACKS.values())
     assert not ATTACKS["cw"].eps_bounded and ATTACKS["pgdl2"].norm == "L2"
     assert all(callable(info.build) for info in ATTACKS.values())
@@ -161,7 +163,7 @@ def _run(name, model, images, labels, eps, targeted=False, random_start=False):
     return atk(images, labels)
 
 
-@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("name", [n for n, info in ATTACKS.items() if info.classification])
 def test_every_attack_runs_one_batch_on_a_classifier(name, classifier_and_data):
     model, images, labels = classifier_and_data
     eps = 0.5 if ATTACKS[name].norm == "L2" else 8 / 255
@@ -174,7 +176,7 @@ def test_every_attack_runs_one_batch_on_a_classifier(name, classifier_and_data):
         assert perturbation_norms(adv - images[:6], ATTACKS[name].norm).max() <= eps + 1e-6
 
 
-@pytest.mark.parametrize("name", [n for n, info in ATTACKS.items() if info.targeted])
+@pytest.mark.parametrize("name", [n for n, info in ATTACKS.items() if info.targeted and info.classification])
 def test_targeted_attacks_run(name, classifier_and_data):
     model, images, labels = classifier_and_data
     eps = 2.0 if ATTACKS[name].norm == "L2" else 32 / 255
@@ -201,6 +203,12 @@ def test_attacks_without_segmentation_support_are_refused(name):
         validate_args(parse("--task", "segmentation", "--attack", name))
 
 
+@pytest.mark.parametrize("name", [n for n, info in ATTACKS.items() if not info.classification])
+def test_segmentation_only_attacks_are_refused_for_classification(name):
+    with pytest.raises(UsageError, match="does not support classification; use one of fgsm"):
+        validate_args(parse("--attack", f"pgd,{name}"))
+
+
 def test_cleverhans_pgd_accepts_a_step_larger_than_eps(classifier_and_data):
     model, images, labels = classifier_and_data
     atk = build_attack("ch-pgd", model, 1 / 255, steps=1, alpha=2.5 / 255, random_start=False, num_classes=5)
@@ -222,15 +230,15 @@ def test_attacks_restore_the_callers_model_mode(name, training, classifier_and_d
 
 def test_torchattacks_and_cleverhans_pgd_agree(classifier_and_data):
     model, images, labels = classifier_and_data
-    loader = DataLoader(TensorDataset(images, labels), batch_size=40)
+    source = TensorSplit(images, labels)
     accuracies = {}
     for name in ("pgd", "ch-pgd"):
         spec = SweepSpec(task="classification", class_names=CLASS_NAMES, eps_list=[0.0, 4 / 255, 16 / 255],
-                         attack=name)
+                         attacks=(name,))
         rows = []
-        run_split(model, loader, spec, split="val", on_row=rows.append,
-                  make_attack=lambda eps, name=name: build_attack(
-                      name, model, eps, steps=5, alpha=2.5 * eps / 5, random_start=False, num_classes=5))
+        run_split(model, source, spec, Engine(kind="library", batch_size=40), split="val", on_row=rows.append,
+                  make_attack=lambda n, eps: build_attack(
+                      n, model, eps, steps=5, alpha=2.5 * eps / 5, random_start=False, num_classes=5))
         accuracies[name] = [row["accuracy"] for row in rows]
     assert accuracies["pgd"][0] > 0.9, "the tiny model must be accurate for the comparison to mean anything"
     assert 0 < accuracies["pgd"][-1] < accuracies["pgd"][0]

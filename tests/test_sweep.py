@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 import torchattacks
-from torch.utils.data import DataLoader, TensorDataset
 
 from attacks import build_attack
 from conftest import write_tiny_checkpoint
+from engine import Engine
 from main import get_args_parser
 from main import main as run_main
 from report import Report
+from splitdata import TensorSplit
 from sweep import SweepSpec, run_split
 from test_attacks import CLASS_NAMES, SEG_NAMES, segmentation_images, separable_images, tiny_classifier, \
     tiny_segmenter, train
@@ -27,23 +28,24 @@ EPS = [0.0, 2 / 255, 8 / 255, 32 / 255]
 def cls_setup():
     images, labels = separable_images(n=60, seed=1)
     model = train(tiny_classifier(), *separable_images())
-    return model, DataLoader(TensorDataset(images, labels), batch_size=16)
+    return model, TensorSplit(images, labels)
 
 
 @pytest.fixture(scope="module")
 def seg_setup():
     images, masks = segmentation_images(n=8, seed=1)
     model = train(tiny_segmenter(), *segmentation_images(), steps=40)
-    return model, DataLoader(TensorDataset(images, masks), batch_size=4)
+    return model, TensorSplit(images, masks)
 
 
-def sweep(model, loader, attack="pgd", task="classification", eps_list=EPS, calls=None, steps=4, factory=None,
-          **spec_kw):
+def sweep(model, source, attack="pgd", task="classification", eps_list=EPS, calls=None, steps=4, factory=None,
+          engine=Engine(batch_size=16), **spec_kw):
+    """Run one split; returns its rows and state. ``attack`` may be a comma list."""
     names = CLASS_NAMES if task == "classification" else SEG_NAMES
-    spec = SweepSpec(task=task, class_names=names, eps_list=eps_list, attack=attack, **spec_kw)
+    spec = SweepSpec(task=task, class_names=names, eps_list=eps_list, attacks=tuple(attack.split(",")), **spec_kw)
 
-    def make_attack(eps):
-        atk = factory() if factory else build_attack(attack, model, eps, steps=steps, alpha=2.5 * eps / steps,
+    def make_attack(name, eps):
+        atk = factory() if factory else build_attack(name, model, eps, steps=steps, alpha=2.5 * eps / steps,
                                                       random_start=True, num_classes=len(names),
                                                       targeted=spec.targeted)
         if calls is None:
@@ -52,22 +54,22 @@ def sweep(model, loader, attack="pgd", task="classification", eps_list=EPS, call
 
     rows = []
     target_fn = (lambda y: (y + 1) % len(names)) if spec.targeted else None
-    examples = run_split(model, loader, spec, split="val", make_attack=make_attack, target_fn=target_fn,
-                         on_row=rows.append)
-    return rows, examples
+    state = run_split(model, source, spec, engine, split="val", make_attack=make_attack, target_fn=target_fn,
+                      on_row=rows.append)
+    return rows, state
 
 
-def clean_metrics(model, loader, task, names):
+def clean_metrics(model, source, task, names):
     cm = ConfusionMatrix(len(names))
     with torch.no_grad():
-        for images, targets in loader:
-            cm.update(targets, model(images).argmax(1))
+        cm.update(source.targets, model(source.images).argmax(1))
     return compute_metrics(task, cm.mat, names)
 
 
 def test_robust_accuracy_decreases_and_norms_stay_within_eps(cls_setup):
     model, loader = cls_setup
-    rows, examples = sweep(model, loader)
+    rows, state = sweep(model, loader)
+    examples = state["examples"]
     assert [row["eps"] for row in rows] == EPS
     accuracies = [row["accuracy"] for row in rows]
     assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] > accuracies[-1]
@@ -90,15 +92,19 @@ def test_eps_zero_row_equals_clean_evaluation_exactly(cls_setup):
     assert {key: rows[0][key] for key in clean} == pytest.approx(clean, nan_ok=True, rel=0, abs=0)
 
 
-def test_only_still_robust_samples_are_attacked(cls_setup):
+@pytest.mark.parametrize("kind", ["fast", "library"])
+def test_only_still_robust_samples_are_attacked(cls_setup, kind):
     model, loader = cls_setup
     fast_calls, slow_calls = [], []
-    fast, _ = sweep(model, loader, attack="bim", calls=fast_calls)
-    slow, _ = sweep(model, loader, attack="bim", calls=slow_calls, attack_all=True)
+    engine = Engine(kind=kind, batch_size=16)
+    fast, _ = sweep(model, loader, attack="bim", engine=engine, calls=fast_calls if kind == "library" else None)
+    slow, _ = sweep(model, loader, attack="bim", engine=engine, calls=slow_calls if kind == "library" else None,
+                    attack_all=True)
     per_attack = ("seconds", "n_attacked", "linf_mean", "l2_mean", "linf_max", "l2_max")
     keys = [k for k in fast[0] if k not in per_attack]
     assert [{k: r[k] for k in keys} for r in fast] == [{k: r[k] for k in keys} for r in slow]
-    assert sum(fast_calls) < sum(slow_calls)
+    assert sum(fast[i]["n_attacked"] for i in range(len(fast))) < sum(r["n_attacked"] for r in slow)
+    assert sum(fast_calls) <= sum(slow_calls)
 
 
 def test_targeted_success_rate_counts_hits_of_the_target(cls_setup):
@@ -107,13 +113,29 @@ def test_targeted_success_rate_counts_hits_of_the_target(cls_setup):
     assert rows[0]["attack_success_rate"] == 0 and rows[1]["attack_success_rate"] > 0
 
 
+@pytest.mark.parametrize("kind", ["fast", "library"])
+def test_targeted_accuracy_never_rises_with_eps(cls_setup, kind):
+    """A sample pushed off its label but not yet onto the target at a small eps stays wrong
+    at larger eps (the old state overwrote its prediction, so accuracy could rise)."""
+    model, loader = cls_setup
+    eps_list = [0.0, 1 / 255, 2 / 255, 3 / 255, 4 / 255, 6 / 255, 8 / 255, 16 / 255]
+    rows, state = sweep(model, loader, eps_list=eps_list, targeted=True, steps=2, engine=Engine(kind=kind))
+    accuracies = [row["accuracy"] for row in rows]
+    successes = [row["attack_success_rate"] for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True) and successes == sorted(successes)
+    per_attack = state["attacks"]["pgd"]
+    wrong = torch.isfinite(per_attack["wrong_eps"]) & state["eligible"]
+    assert (wrong & ~per_attack["hit"]).any(), "some samples must be wrong without hitting the target"
+    assert accuracies[-1] == pytest.approx(1 - (torch.isfinite(per_attack["wrong_eps"])).double().mean().item())
+
+
 def test_min_norm_attack_runs_once_and_counts_only_perturbations_within_eps(cls_setup):
     model, loader = cls_setup
     calls = []
     eps_list = [0.0, 0.05, 0.5, 2.0, 8.0]
-    rows, _ = sweep(model, loader, attack="cw", eps_list=eps_list, calls=calls, norm="L2", eps_bounded=False,
+    rows, _ = sweep(model, loader, attack="cw", eps_list=eps_list, calls=calls, norm="L2", min_norm=("cw",),
                     factory=lambda: torchattacks.CW(model, c=1.0, steps=15, lr=0.1))
-    assert len(calls) == len(loader) and sum(calls) <= 60, "CW runs once per batch, on clean-correct samples"
+    assert len(calls) == math.ceil(sum(calls) / 16) and sum(calls) <= 60, "CW runs once, on clean-correct samples"
     accuracies = [row["accuracy"] for row in rows]
     assert accuracies == sorted(accuracies, reverse=True) and accuracies[-1] < accuracies[0]
     assert rows[1]["n_attacked"] == 0 or rows[1]["l2_mean"] <= 0.05
@@ -124,16 +146,17 @@ def test_min_norm_attack_runs_once_and_counts_only_perturbations_within_eps(cls_
 
 def test_a_perturbation_beyond_eps_is_refused(cls_setup):
     model, loader = cls_setup
-    spec = SweepSpec(task="classification", class_names=CLASS_NAMES, eps_list=[0.0, 4 / 255], attack="bad")
+    spec = SweepSpec(task="classification", class_names=CLASS_NAMES, eps_list=[0.0, 4 / 255], attacks=("bad",))
     with pytest.raises(ToolError, match="attack bad at eps 0.0156.*exceeded"):
-        run_split(model, loader, spec, split="val", make_attack=lambda eps: lambda x, y: (x + 0.1).clamp(0, 1))
+        run_split(model, loader, spec, split="val", make_attack=lambda n, eps: lambda x, y: (x + 0.1).clamp(0, 1))
     with pytest.raises(ToolError, match="NaN"):
-        run_split(model, loader, spec, split="val", make_attack=lambda eps: lambda x, y: x * math.nan)
+        run_split(model, loader, spec, split="val", make_attack=lambda n, eps: lambda x, y: x * math.nan)
 
 
 def test_segmentation_sweep_fills_the_dice_columns(seg_setup):
     model, loader = seg_setup
-    rows, examples = sweep(model, loader, task="segmentation", eps_list=[0.0, 16 / 255])
+    rows, state = sweep(model, loader, task="segmentation", eps_list=[0.0, 16 / 255])
+    examples = state["examples"]
     clean = clean_metrics(model, loader, "segmentation", SEG_NAMES)
     assert {key: rows[0][key] for key in clean} == pytest.approx(clean, nan_ok=True, rel=0, abs=0)
     for key in ("pixel_accuracy", "dice_cytoplasm", "dice_nucleus", "dice_mean", "iou_cytoplasm",
@@ -149,12 +172,12 @@ def test_report_writes_parseable_outputs(tmp_path, cls_setup, seg_setup):
         out = tmp_path / task
         config = {"task": task, "attack": "pgd", "class_names": names, "checkpoint_sha256": "x"}
         report = Report(out, task, config, splits=["val"], eps_list=[0.0, 8 / 255])
-        spec = SweepSpec(task=task, class_names=names, eps_list=[0.0, 8 / 255], attack="pgd")
+        spec = SweepSpec(task=task, class_names=names, eps_list=[0.0, 8 / 255])
         model, loader = setup
-        examples = run_split(model, loader, spec, split="val", on_row=report.add_row,
-                             make_attack=lambda eps: build_attack("pgd", model, eps, steps=2, alpha=eps,
+        state = run_split(model, loader, spec, split="val", on_row=report.add_row,
+                          make_attack=lambda n, eps: build_attack("pgd", model, eps, steps=2, alpha=eps,
                                                                   random_start=False, num_classes=len(names)))
-        report.add_examples("val", examples)
+        report.add_examples("val", state["examples"])
         report.finish()
         with open(out / "results.csv") as fh:
             table = list(csv.DictReader(fh))
@@ -182,7 +205,7 @@ def cli(*argv):
 def test_main_end_to_end_and_resume_checks(tmp_path, checkpoint_file):
     out = tmp_path / "out"
     base = ["--checkpoint", checkpoint_file, "--out", out, "--device", "cpu", "--limit", "4",
-            "--eps-list", "0", "8/255", "--examples", "2", "--batch-size", "4"]
+            "--eps-list", "0", "8/255", "--examples", "2", "--batch-size", "4", "--no-checks"]
     run_main(cli(*base, "--steps", "2"))
     first = json.loads((out / "results.json").read_text())
     assert [(r["split"], r["eps_255"]) for r in first["rows"]] == [("val", 0), ("val", 8), ("test", 0), ("test", 8)]
@@ -196,3 +219,59 @@ def test_main_end_to_end_and_resume_checks(tmp_path, checkpoint_file):
         run_main(cli(*base, "--steps", "3", "--resume"))
     with pytest.raises(CheckpointError, match="classification.*segmentation"):
         run_main(cli(*base, "--task", "segmentation"))
+
+
+# --------------------------------------------------------------------------- several attacks
+def test_classification_worst_case_needs_every_attack_survived(cls_setup):
+    model, source = cls_setup
+    eps_list = [0.0, 8 / 255, 12 / 255, 16 / 255]
+    rows, state = sweep(model, source, attack="fgsm,pgd,bim", eps_list=eps_list, steps=2)
+    assert [row["attack"] for row in rows[:4]] == ["fgsm", "pgd", "bim", "worst"] and len(rows) == 4 * len(eps_list)
+    single = {name: sweep(model, source, attack=name, eps_list=eps_list, steps=2)[1] for name in ("fgsm", "pgd", "bim")}
+    labels = state["labels"]
+    for i, eps in enumerate(eps_list):
+        by_attack = {row["attack"]: row for row in rows[4 * i:4 * i + 4]}
+        survived = torch.ones(len(labels), dtype=torch.bool)
+        for name, alone in single.items():
+            correct = alone["attacks"][name]["wrong_eps"] > eps
+            assert by_attack[name]["accuracy"] == pytest.approx(correct.double().mean().item())
+            survived &= correct
+        assert by_attack["worst"]["accuracy"] == pytest.approx(survived.double().mean().item())
+        assert by_attack["worst"]["accuracy"] <= min(by_attack[n]["accuracy"] for n in single)
+    gaps = [max(r["accuracy"] for r in rows[4 * i:4 * i + 3]) - rows[4 * i + 3]["accuracy"] for i in range(4)]
+    assert max(gaps) > 0, "the test needs attacks that disagree somewhere"
+
+
+def numpy_mean_dice(cm) -> float:
+    """Mean foreground Dice of one confusion matrix, NaN-skipping, with numpy only."""
+    import numpy as np
+
+    cm = np.asarray(cm, dtype=float)
+    dice = [2 * cm[c, c] / (cm[c].sum() + cm[:, c].sum()) for c in (1, 2) if cm[c].sum() + cm[:, c].sum() > 0]
+    return float(np.mean(dice)) if dice else 1.0
+
+
+def test_segmentation_worst_case_keeps_each_images_lowest_dice(seg_setup):
+    model, source = seg_setup
+    eps_list = [0.0, 4 / 255, 16 / 255]
+    rows, state = sweep(model, source, attack="fgsm,pgd", task="segmentation", eps_list=eps_list, steps=3)
+    worst_rows = [row for row in rows if row["attack"] == "worst"]
+    for i, eps in enumerate(eps_list):
+        cms = {name: state["attacks"][name]["cms"][i] for name in ("fgsm", "pgd")}
+        chosen = []
+        for image in range(len(source)):
+            scores = {name: numpy_mean_dice(cms[name][image]) for name in cms}
+            chosen.append(cms[min(scores, key=lambda name: (scores[name], name != "fgsm"))][image])
+        expected = compute_metrics("segmentation", torch.stack(chosen).sum(0), SEG_NAMES)
+        assert worst_rows[i]["dice_mean"] == pytest.approx(expected["dice_mean"])
+        assert worst_rows[i]["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
+    assert worst_rows[-1]["dice_mean"] < worst_rows[0]["dice_mean"]
+
+
+def test_classification_examples_are_clean_correct_and_cycle_through_classes(cls_setup):
+    model, source = cls_setup
+    _, state = sweep(model, source, eps_list=[0.0, 8 / 255], examples=5)
+    index = state["ex_index"]
+    assert (state["clean_pred"][index] == state["labels"][index]).all()
+    assert len(set(state["labels"][index].tolist())) == min(5, len(set(state["labels"].tolist())))
+    assert "clean-correct" in state["examples"]["caption"]

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from torch.utils.data import DataLoader, TensorDataset
 
 from attacks import build_attack
 from conftest import write_tiny_checkpoint
 from report import config_fingerprint
+from splitdata import TensorSplit
 from sweep import SweepSpec, run_split
 from test_attacks import CLASS_NAMES, separable_images, tiny_classifier, train
 
@@ -33,12 +33,12 @@ class Killed(Exception):
 def test_resumed_split_state_is_bit_identical(tmp_path):
     images, labels = separable_images(n=24, seed=3)
     model = train(tiny_classifier(), *separable_images(n=60), steps=40)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
-    spec = SweepSpec(task="classification", class_names=CLASS_NAMES, eps_list=EPS, attack="pgd",
-                     fingerprint=config_fingerprint({"attack": "pgd"}))
+    loader = TensorSplit(images, labels)
+    spec = SweepSpec(task="classification", class_names=CLASS_NAMES, eps_list=EPS, attacks=("pgd", "apgd"),
+                     fingerprint=config_fingerprint({"attacks": ["pgd", "apgd"]}))
 
-    def make_attack(eps):  # random start: the per-row reseeding is what makes resuming exact
-        return build_attack("pgd", model, eps, steps=3, alpha=eps, random_start=True, num_classes=5)
+    def make_attack(name, eps):  # random starts: the per-sample and per-row seeds make resuming exact
+        return build_attack(name, model, eps, steps=3, alpha=eps, random_start=True, num_classes=5)
 
     def run(state_dir, resume=False, stop_after=None):
         rows = []
@@ -75,7 +75,8 @@ def segmentation_checkpoint(tmp_path, make_segmentation_data):
 def sweep_command(checkpoint: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(PROJECT_ROOT / "main.py"), "--task", "segmentation", "--checkpoint", str(checkpoint),
             "--out", str(out), "--device", "cpu", "--steps", "4", "--random-start", "--batch-size", "2",
-            "--examples", "2", "--eps-list", *[f"{e * 255:g}/255" for e in EPS], *extra]
+            "--examples", "2", "--attack", "pgd,segpgd", "--no-checks", "--eps-list",
+            *[f"{e * 255:g}/255" for e in EPS], *extra]
 
 
 def finished_rows(out: Path) -> list[dict]:
@@ -96,12 +97,12 @@ def test_sigkilled_sweep_resumes_to_the_uninterrupted_table(tmp_path, segmentati
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the sweep finished before it could be killed; make it longer"
-    assert 2 <= len(finished_rows(killed_out)) < 2 * len(EPS)
+    assert 2 <= len(finished_rows(killed_out)) < 2 * 3 * len(EPS)
     subprocess.run(sweep_command(segmentation_checkpoint, killed_out, "--resume"), cwd=tmp_path, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     subprocess.run(sweep_command(segmentation_checkpoint, full_out), cwd=tmp_path, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resumed, full = finished_rows(killed_out), finished_rows(full_out)
-    assert len(full) == 2 * len(EPS)
+    assert len(full) == 2 * 3 * len(EPS) and {row["attack"] for row in full} == {"pgd", "segpgd", "worst"}
     assert without_seconds(resumed) == without_seconds(full)
     assert (killed_out / "report.md").is_file() and (killed_out / "Images" / "AccSegme.png").is_file()

@@ -1,0 +1,80 @@
+"""The gradient-masking checklist (checks.py): healthy models pass, masked ones are flagged."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attacks import build_attack
+from checks import CheckSettings, check_monotone, run_checks
+from engine import Engine
+from splitdata import TensorSplit
+from sweep import SweepSpec, run_split
+from test_attacks import CLASS_NAMES, SEG_NAMES, segmentation_images, separable_images, tiny_classifier, \
+    tiny_segmenter, train
+
+EPS = [0.0, 4 / 255, 16 / 255, 32 / 255]
+
+
+class Quantise(nn.Module):
+    """Rounds pixels to grey levels: a non-differentiable input step (a classic masked gradient)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 255) / 255
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return train(tiny_classifier(), *separable_images())
+
+
+def checklist(model, images, targets, task="classification", eps_list=EPS, limit=24):
+    names = CLASS_NAMES if task == "classification" else SEG_NAMES
+    source, rows = TensorSplit(images, targets), []
+    spec = SweepSpec(task=task, class_names=names, eps_list=eps_list)
+    state = run_split(model, source, spec, Engine(batch_size=16), split="test", on_row=rows.append,
+                      make_attack=lambda n, e: build_attack(n, model, e, steps=4, alpha=2.5 * e / 4,
+                                                            num_classes=len(names)))
+    settings = CheckSettings(task=task, class_names=names, eps_list=eps_list, steps=4, limit=limit, square_queries=100)
+    lines = []
+    checks = run_checks(model, source, settings, Engine(batch_size=16), rows, split="test", sweep_state=state,
+                        on_line=lines.append)
+    assert len(lines) == len(checks) == 8 and all(line.startswith("check ") for line in lines)
+    return {check["id"]: check for check in checks}
+
+
+def test_a_healthy_classifier_passes(classifier):
+    images, labels = separable_images(n=40, seed=4)
+    checks = checklist(classifier, images, labels)
+    assert list(checks) == list("abcdefgh")
+    for key in "abcgh":
+        assert checks[key]["status"] == "PASS", checks[key]
+    assert checks["b"]["value"] <= 0.01 and checks["g"]["value"] == 0
+    assert all(check["status"] in ("PASS", "WARN") for check in checks.values())
+
+
+def test_a_quantising_input_layer_is_flagged(classifier):
+    images, labels = separable_images(n=40, seed=4)
+    checks = checklist(nn.Sequential(Quantise(), classifier).eval(), images, labels)
+    assert checks["g"]["status"] == "WARN" and checks["g"]["value"] == 1.0
+    assert checks["b"]["status"] == "WARN" and checks["b"]["value"] > 0.5
+
+
+def test_a_model_returning_probabilities_is_flagged(classifier):
+    images, labels = separable_images(n=40, seed=4)
+    checks = checklist(nn.Sequential(classifier, nn.Softmax(dim=1)).eval(), images, labels)
+    assert checks["h"]["status"] == "WARN" and "probabilities" in checks["h"]["detail"]
+
+
+def test_segmentation_checks_skip_square():
+    model = train(tiny_segmenter(), *segmentation_images(n=16), steps=40)
+    images, masks = segmentation_images(n=8, seed=6)
+    checks = checklist(model, images, masks, task="segmentation", eps_list=[0.0, 4 / 255, 8 / 255])
+    assert checks["e"]["status"] == "SKIP" and checks["b"]["status"] == "PASS" and checks["g"]["status"] == "PASS"
+
+
+def test_monotone_flags_a_metric_that_rises_with_eps():
+    rows = [{"split": "test", "attack": "pgd", "eps": e, "dice_mean": d} for e, d in ((0, 0.9), (0.01, 0.5), (0.02, 0.6))]
+    check = check_monotone(rows, "dice_mean")
+    assert check.status == "WARN" and check.value == pytest.approx(0.1) and "test pgd" in check.detail
+    assert check_monotone(rows[:2], "dice_mean").status == "PASS"

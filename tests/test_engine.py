@@ -1,0 +1,194 @@
+"""The fast engine (engine.py) against torchattacks, and the in-memory splits it reads."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchattacks
+
+import utils
+from attacks import build_attack
+from engine import Engine, Finished, forward, per_sample_noise, run_attack
+from splitdata import DatasetSplit, InMemorySplit, TensorSplit, load_split, preload
+from sweep import SweepSpec, run_split
+from test_attacks import CLASS_NAMES, SEG_NAMES, segmentation_images, separable_images, tiny_classifier, \
+    tiny_segmenter, train
+from utils import UsageError
+
+EPS = [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    images, labels = separable_images(n=48, seed=5)
+    return train(tiny_classifier(), *separable_images()), images, labels
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    images, masks = segmentation_images(n=8, seed=2)
+    return train(tiny_segmenter(), *segmentation_images(), steps=40), images, masks
+
+
+def fast_adversarials(model, images, targets, atk, *, noise=None, batch_size=16, fooled=None, autocast=None):
+    """Every sample's finished adversarial and counted prediction, in index order."""
+    adv, pred = torch.empty_like(images), torch.empty(targets.shape, dtype=torch.long)
+
+    def emit(done: Finished) -> None:
+        adv[done.index], pred[done.index] = done.adv.cpu(), done.pred.cpu()
+
+    run_attack(model, TensorSplit(images, targets), torch.arange(len(images)), atk,
+               Engine(batch_size=batch_size, autocast=autocast), goal_fn=lambda t: t, emit=emit, fooled_fn=fooled,
+               noise_fn=noise)
+    return adv, pred
+
+
+def library_noise(seed):
+    """The random start torchattacks draws for a whole batch from the global stream."""
+    def draw(index, spec, shape):
+        torch.manual_seed(seed)
+        return torch.empty((len(index), *shape)).uniform_(-spec.eps, spec.eps)
+    return draw
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_fast_pgd_without_early_stop_equals_torchattacks_bit_for_bit(task, random_start, classifier, segmenter):
+    """Batches of a power of two: the per-sample loss is the batch mean times an exact factor."""
+    model, images, targets = classifier if task == "classification" else segmenter
+    images, targets = images[:16], targets[:16]
+    atk = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=random_start)
+    torch.manual_seed(7)
+    expected = atk(images, targets)
+    adv, pred = fast_adversarials(model, images, targets, atk, noise=library_noise(7))
+    assert torch.equal(adv, expected)
+    with torch.no_grad():
+        assert torch.equal(pred, model(expected).argmax(1))
+
+
+def test_fast_pgdl2_matches_torchattacks(classifier):
+    """Not bit for bit: torchattacks adds 1e-10 to the norm of the batch-mean gradient, the
+    engine to the norm of the per-sample one (16x larger here)."""
+    model, images, labels = classifier
+    atk = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=4, random_start=False)
+    adv, _ = fast_adversarials(model, images[:16], labels[:16], atk)
+    assert (adv - atk(images[:16], labels[:16])).abs().max() <= 1e-6
+
+
+def test_a_batch_of_one_gives_the_same_logits_as_a_larger_batch(classifier):
+    model, images, _ = classifier
+    with torch.no_grad():
+        assert torch.equal(forward(model, images[3:4]), forward(model, images[:8])[3:4])
+
+
+def sweep_rows(model, source, engine, *, attack="pgd", task="classification", eps_list=EPS, random_start=True):
+    names = CLASS_NAMES if task == "classification" else SEG_NAMES
+    spec = SweepSpec(task=task, class_names=names, eps_list=eps_list, attacks=(attack,))
+    rows = []
+    run_split(model, source, spec, engine, split="test", on_row=rows.append,
+              make_attack=lambda n, eps: build_attack(n, model, eps, steps=5, alpha=2.5 * eps / 5,
+                                                      random_start=random_start, num_classes=len(names)))
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.mark.parametrize("attack", ["pgd", "bim", "fgsm", "pgdl2"])
+def test_early_stop_is_never_weaker_than_the_library(attack, classifier):
+    model, images, labels = classifier
+    source = TensorSplit(images, labels)
+    eps_list = [0.0, 0.5, 1.0, 2.0, 4.0] if attack == "pgdl2" else EPS
+    fast = sweep_rows(model, source, Engine(batch_size=16), attack=attack, eps_list=eps_list)
+    library = sweep_rows(model, source, Engine(kind="library", batch_size=16), attack=attack, eps_list=eps_list)
+    for mine, theirs in zip(fast, library):
+        assert mine["accuracy"] <= theirs["accuracy"] + 1e-12, (mine["eps"], mine["accuracy"], theirs["accuracy"])
+    assert fast[-1]["accuracy"] < fast[0]["accuracy"]
+
+
+def test_early_stop_runs_fewer_forward_passes_and_keeps_a_fooling_iterate(classifier):
+    model, images, labels = classifier
+    atk = torchattacks.PGD(model, eps=16 / 255, alpha=4 / 255, steps=8, random_start=False)
+    seen = []
+    handle = model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    try:
+        adv_all, _ = fast_adversarials(model, images, labels, atk)
+        without = sum(seen)
+        seen.clear()
+        adv, pred = fast_adversarials(model, images, labels, atk, fooled=lambda p, t, g: p != t)
+        with_stop = sum(seen)
+    finally:
+        handle.remove()
+    assert with_stop < without
+    stopped = (adv != adv_all).flatten(1).any(1)
+    assert stopped.any() and (pred[stopped] != labels[stopped]).all()
+    assert (adv - images).abs().max() <= 16 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_tables_do_not_depend_on_the_batch_size(task, classifier, segmenter):
+    """Per-sample random starts and per-sample losses: any packing gives the same table."""
+    model, images, targets = classifier if task == "classification" else segmenter
+    source = TensorSplit(images, targets)
+    tables = [sweep_rows(model, source, Engine(batch_size=size), task=task) for size in (16, 5, 3)]
+    assert tables[0] == tables[1] == tables[2]
+
+
+def test_per_sample_noise_depends_on_the_sample_not_its_batch():
+    from attacks import PGDSpec
+
+    draw = per_sample_noise(0, "test", "pgd")
+    spec = PGDSpec("Linf", 8 / 255, 2 / 255, 3, random_start=True)
+    together = draw(torch.tensor([4, 9, 2]), spec, (3, 4, 4))
+    alone = draw(torch.tensor([9]), spec, (3, 4, 4))
+    assert torch.equal(together[1], alone[0]) and not torch.equal(together[0], together[1])
+    assert together.abs().max() <= 8 / 255
+
+
+def test_bf16_autocast_keeps_the_budget_and_counts_an_fp32_prediction(classifier):
+    model, images, labels = classifier
+    atk = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=3, random_start=False)
+    adv, pred = fast_adversarials(model, images, labels, atk, autocast=torch.bfloat16)
+    assert adv.dtype == torch.float32 and (adv - images).abs().max() <= 8 / 255 + 1e-6
+    with torch.no_grad():
+        assert torch.equal(pred, model(adv).argmax(1))
+
+
+def test_precision_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert utils.resolve_precision("auto", cpu) is None and utils.resolve_precision("fp32", cpu) is None
+    with pytest.raises(UsageError, match="--precision bf16 is not usable on this CPU"):
+        utils.resolve_precision("bf16", cpu)
+    with pytest.raises(UsageError, match="--precision fp16 needs a CUDA device"):
+        utils.resolve_precision("fp16", cpu)
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert utils.resolve_precision("auto", cpu) is torch.bfloat16 and utils.resolve_precision("bf16", cpu) is torch.bfloat16
+
+
+# --------------------------------------------------------------------------- in-memory splits
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_an_in_memory_split_returns_exactly_what_the_dataset_returns(task, tiny_synthetic_root):
+    from dataset import build_splits
+
+    dataset = build_splits(task, tiny_synthetic_root / "Train" if task == "classification" else tiny_synthetic_root,
+                           image_size=24)["test"]
+    source = preload(dataset)
+    assert isinstance(source, InMemorySplit) and source.images.dtype == torch.uint8
+    index = torch.tensor([2, 0, 1])
+    images, targets = source.batch(index, torch.device("cpu"))
+    for position, i in enumerate(index.tolist()):
+        image, target = dataset[i]
+        assert torch.equal(images[position], image) and torch.equal(targets[position], torch.as_tensor(target).long())
+    streamed, note = load_split(dataset, task=task, image_size=24, max_bytes=100)
+    assert isinstance(streamed, DatasetSplit) and "exceeds --max-memory" in note
+    assert all(torch.equal(a, b) for a, b in zip(streamed.batch(index, torch.device("cpu")), (images, targets)))
+
+
+def test_the_budget_tolerance_follows_the_dtype():
+    from engine import ToolError, budget_tolerance, check_adversarial
+
+    assert budget_tolerance(torch.float32) == 1e-6
+    assert budget_tolerance(torch.float16) < budget_tolerance(torch.bfloat16) == 2 ** -7
+    images = torch.full((1, 3, 4, 4), 0.5)
+    check_adversarial(images, (images + 8 / 255 + 2 ** -9).bfloat16(), 8 / 255, "Linf", "x")
+    with pytest.raises(ToolError, match="exceeded its budget"):
+        check_adversarial(images, (images + 8 / 255 + 2 ** -6).bfloat16(), 8 / 255, "Linf", "x")
+    with pytest.raises(ToolError, match="exceeded its budget"):
+        check_adversarial(images, images + 8 / 255 + 2 ** -9, 8 / 255, "Linf", "x")

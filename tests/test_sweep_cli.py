@@ -1,0 +1,68 @@
+"""main.py with several attacks: usage errors, per-attack and worst rows, curves and the checklist."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import main as sweep_cli
+from conftest import write_tiny_checkpoint
+from test_cli_errors import _assert_one_error_line, _run
+from utils import cpu_has_native_bf16
+
+USAGE = [
+    pytest.param(["--attack", "pgd,nope"], ["--attack 'nope' is unknown", "fgsm, pgd"], id="unknown-in-list"),
+    pytest.param(["--attack", "pgd,segpgd"], ["--attack segpgd does not support classification", "pgd"],
+                 id="segmentation-attack-for-classification"),
+    pytest.param(["--task", "segmentation", "--attack", "pgd,apgd"], ["--attack apgd does not support segmentation"],
+                 id="classification-attack-for-segmentation"),
+    pytest.param(["--attack", "pgd,fgsm,pgd"], ["--attack lists pgd more than once"], id="duplicate"),
+    pytest.param(["--attack", "pgd,pgdl2"], ["mixes norms (L2, Linf)"], id="mixed-norms"),
+    pytest.param(["--check-limit", "0"], ["--check-limit must be >= 1, got 0"], id="check-limit"),
+    pytest.param(["--targeted", "--target-class", "7"], ["--target-class must be in [0, 4], got 7"],
+                 id="target-class-out-of-range"),
+    pytest.param(["--max-memory", "-1"], ["--max-memory"], id="max-memory"),
+    pytest.param(["--precision", "fp16", "--device", "cpu"], ["--precision fp16 needs a CUDA device"], id="fp16-cpu"),
+    pytest.param(["--precision", "bf16", "--device", "cpu"], ["--precision bf16 is not usable on this CPU"],
+                 id="bf16-without-native-support",
+                 marks=pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16")),
+]
+
+
+@pytest.mark.parametrize("argv, fragments", USAGE)
+def test_attack_list_usage_errors_come_before_any_output(tmp_path, capsys, argv, fragments):
+    out = tmp_path / "out"
+    rc, lines = _run(sweep_cli, ["--out", str(out), "--checkpoint", str(tmp_path / "none.pt"), *argv], capsys)
+    assert rc == 2
+    _assert_one_error_line(lines, *fragments)
+    assert not out.exists()
+
+
+def test_segmentation_sweep_with_three_attacks_writes_rows_figure_and_checklist(tmp_path, capsys,
+                                                                                  make_segmentation_data):
+    checkpoint = write_tiny_checkpoint(tmp_path / "seg.pt", "segmentation", make_segmentation_data())
+    out = tmp_path / "out"
+    argv = ["--task", "segmentation", "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+            "--attack", "pgd,segpgd,cospgd", "--eps-list", "0", "2/255", "8/255", "--steps", "2",
+            "--check-limit", "4", "--splits", "test"]
+    rc, lines = _run(sweep_cli, argv, capsys)
+    assert rc == 0, lines
+    saved = json.loads((out / "results.json").read_text())
+    assert [(row["attack"], row["eps_255"]) for row in saved["rows"]] == [
+        (attack, eps) for eps in (0, 2, 8) for attack in ("pgd", "segpgd", "cospgd", "worst")]
+    worst = [row for row in saved["rows"] if row["attack"] == "worst"]
+    for eps_255, row in zip((0, 2, 8), worst):
+        same_eps = [r["dice_mean"] for r in saved["rows"] if r["eps_255"] == eps_255 and r["attack"] != "worst"]
+        assert row["dice_mean"] <= max(same_eps) + 1e-12
+    assert [check["id"] for check in saved["checks"]] == list("abcdefgh")
+    assert all(check["status"] in ("PASS", "WARN", "SKIP") for check in saved["checks"])
+    report = (out / "report.md").read_text()
+    assert "## Gradient-masking checklist" in report and "| pgd | segpgd | cospgd | worst |" in report
+    assert (out / "Images" / "AccSegme.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved["config"]["attacks"] == ["pgd", "segpgd", "cospgd"] and saved["config"]["engine"] == "fast"
+
+    rc, lines = _run(sweep_cli, [*argv, "--resume", "--no-checks"], capsys)
+    assert rc == 0, lines
+    again = json.loads((out / "results.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(again["rows"]) == strip(saved["rows"]) and "checks" not in again
