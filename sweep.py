@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from attacks import Attack
 from engine import (NORM_TOLERANCE, Engine, Finished, check_adversarial, per_sample_noise, perturbation_norms,
@@ -180,8 +181,14 @@ class _SplitSweep:
 
     def attack(self, name: str, eps: float, index: torch.Tensor, emit, fooled_fn=None) -> None:
         atk = self.make_attack(name, eps)
-        run_attack(self.model, self.source, index, atk, self.engine, goal_fn=self.target_fn, emit=emit,
-                   fooled_fn=fooled_fn, noise_fn=per_sample_noise(self.spec.seed, self.split, name))
+        label = f"{eps * 255:.3g}/255" if self.spec.norm == "Linf" else f"{eps:.3g}"
+        with tqdm(total=len(index), desc=f"{self.split} {name} eps={label}", leave=False, disable=None) as bar:
+            def counted(done: Finished) -> None:
+                emit(done)
+                bar.update(len(done.index))
+
+            run_attack(self.model, self.source, index, atk, self.engine, goal_fn=self.target_fn, emit=counted,
+                       fooled_fn=fooled_fn, noise_fn=per_sample_noise(self.spec.seed, self.split, name))
 
     def head(self, attack: str, eps: float) -> dict:
         return {"split": self.split, "attack": attack, "eps": eps, "n": len(self.source)}

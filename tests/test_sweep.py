@@ -275,3 +275,21 @@ def test_classification_examples_are_clean_correct_and_cycle_through_classes(cls
     assert (state["clean_pred"][index] == state["labels"][index]).all()
     assert len(set(state["labels"][index].tolist())) == min(5, len(set(state["labels"].tolist())))
     assert "clean-correct" in state["examples"]["caption"]
+
+
+def test_resume_accepts_another_batch_size_only_where_numbers_do_not_depend_on_it(tmp_path, checkpoint_file):
+    base = ["--checkpoint", checkpoint_file, "--device", "cpu", "--limit", "6", "--eps-list", "0", "8/255",
+            "--steps", "2", "--no-checks", "--random-start", "--splits", "test"]
+    out = tmp_path / "pgd"
+    first = run_main(cli(*base, "--out", out, "--batch-size", "4"))
+    assert first.config["numbers_depend_on_batch_size"] is False
+    resumed = run_main(cli(*base, "--out", out, "--batch-size", "3", "--resume"))
+    fresh = run_main(cli(*base, "--out", tmp_path / "fresh", "--batch-size", "3"))
+    strip = lambda report: [{k: v for k, v in r.items() if k != "seconds"} for r in report.sorted_rows()]  # noqa: E731
+    assert strip(resumed) == strip(first) == strip(fresh)
+
+    out = tmp_path / "apgd"
+    assert run_main(cli(*base, "--out", out, "--batch-size", "4", "--attack", "apgd")).config[
+        "numbers_depend_on_batch_size"] is True
+    with pytest.raises(ToolError, match=r"different config \(batch_size: 4 vs 3\)"):
+        run_main(cli(*base, "--out", out, "--batch-size", "3", "--attack", "apgd", "--resume"))
