@@ -244,3 +244,15 @@ def test_torchattacks_and_cleverhans_pgd_agree(classifier_and_data):
     assert 0 < accuracies["pgd"][-1] < accuracies["pgd"][0]
     for a, b in zip(accuracies["pgd"], accuracies["ch-pgd"]):
         assert abs(a - b) <= 0.01
+
+
+def test_cw_defaults_fool_nearly_every_eligible_sample_at_an_unbounded_budget(classifier_and_data):
+    model, images, labels = classifier_and_data
+    images, labels = images[:30], labels[:30]
+    spec = SweepSpec(task="classification", class_names=CLASS_NAMES, eps_list=[0.0, 1000.0], attacks=("cw",),
+                     norm="L2", min_norm=("cw",))
+    rows = []
+    run_split(model, TensorSplit(images, labels), spec, split="val", on_row=rows.append,
+              make_attack=lambda n, eps: build_attack(n, model, eps, steps=10, alpha=0.1))
+    assert rows[0]["accuracy"] > 0.9, "the tiny model must be accurate for the test to mean anything"
+    assert rows[1]["attack_success_rate"] >= 0.9
