@@ -63,10 +63,12 @@ def sample_seed(seed: int, split: str, eps: float, attack: str, index: int) -> i
     return _digest(seed, split, float(eps), attack, int(index))
 
 
-def per_sample_noise(seed: int, split: str, attack: str) -> Noise:
-    """Random starts drawn from each sample's own generator (see :func:`sample_seed`)."""
+def per_sample_noise(seed: int, split: str, attack: str, offset: int = 0) -> Noise:
+    """Random starts drawn from each sample's own generator (see :func:`sample_seed`); sample
+    ``i`` of a shard that starts at ``offset`` is sample ``offset + i`` of its split."""
     def draw(index: torch.Tensor, spec: PGDSpec, shape: Sequence[int]) -> torch.Tensor:
-        gens = [torch.Generator().manual_seed(sample_seed(seed, split, spec.eps, attack, i)) for i in index.tolist()]
+        gens = [torch.Generator().manual_seed(sample_seed(seed, split, spec.eps, attack, offset + i))
+                for i in index.tolist()]
         return torch.cat([random_start_delta((1, *shape), spec, gen) for gen in gens])
     return draw
 

@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,11 +23,12 @@ from torch import nn
 from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from checks import CheckSettings, run_checks
+from distributed import Dist, init_distributed, setup_for_distributed, shutdown
 from dataset import CLASS_NAMES, build_splits
 from engine import Engine
 from report import Report, library_versions
 from splitdata import load_split
-from sweep import SweepSpec, run_split
+from sweep import SweepSpec, gather_outcomes, run_split
 from utils import (PRECISIONS, ArgumentParser, CheckpointError, UsageError, check_writable_dir, parse_fraction,
                    peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
 
@@ -62,7 +64,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None,
                         help="at most N samples per split (a stratified, seeded subset)")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="under torchrun, cuda gives each local process its own GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="default: Classification/ or Segmentation/")
     parser.add_argument("--examples", type=int, default=4, help="examples in Images/images.png")
@@ -247,17 +250,57 @@ def build_engine(args: argparse.Namespace, device: torch.device) -> Engine:
                   early_stop=args.early_stop)
 
 
+def shard_of(dataset: Any, split: str, dist: Dist) -> tuple[Any, int]:
+    """This rank's contiguous, unpadded shard of ``dataset`` and the index of its first sample."""
+    if not dist.active:
+        return dataset, 0
+    if len(dataset) < dist.world_size:
+        raise UsageError(f"split {split} has {len(dataset)} samples, fewer than the {dist.world_size} processes; "
+                         "run fewer processes (--nproc_per_node) or raise --limit")
+    shard = dist.shard(len(dataset))
+    return type(dataset)([dataset.samples[i] for i in shard], dataset.transform), shard.start
+
+
+def run_checklist(args: argparse.Namespace, ckpt: Mapping, model: nn.Module, engine: Engine, report: Report,
+                  datasets: dict, states: dict, dist: Dist) -> None:
+    """The gradient-masking checklist on the main rank, on the whole test split (else the last)."""
+    split = "test" if "test" in datasets else list(datasets)[-1]
+    outcomes = gather_outcomes(states[split], args.task, dist)  # a collective: every rank takes part
+    if not dist.is_main:
+        return
+    source, _ = load_split(datasets[split], task=args.task, image_size=ckpt["image_size"],
+                           max_bytes=args.max_memory * 2**30, pin=engine.device.type == "cuda")
+    settings = CheckSettings(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,
+                             norm=args.norm, steps=args.steps, alpha=args.alpha, random_start=args.random_start,
+                             seed=args.seed, limit=args.check_limit)
+    print(f"gradient-masking checklist on {min(args.check_limit, len(source))} {split} samples:")
+    report.add_checks(run_checks(model, source, settings, engine, report.sorted_rows(), split=split,
+                                 sweep_state=outcomes if not args.targeted else None, on_line=print))
+
+
 def main(args: argparse.Namespace) -> Report:
     validate_args(args)
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
     args.checkpoint = Path(args.checkpoint or args.out / "checkpoints" / "best.pt")
-    device = resolve_device(args.device)  # usage errors come before --out is created
-    engine = build_engine(args, device)
-    check_writable_dir(args.out)
+    resolve_device(args.device)  # usage errors come before --out is created
+    dist = init_distributed(args.device)
+    restore_print = setup_for_distributed(dist.is_main)
+    try:
+        return sweep(args, dist)
+    finally:
+        restore_print()
+        shutdown(dist)
+
+
+def sweep(args: argparse.Namespace, dist: Dist) -> Report:
+    engine = build_engine(args, dist.device)
+    if dist.is_main:
+        check_writable_dir(args.out)
+    dist.barrier()
     seed_everything(args.seed)
-    if device.type == "cuda":
+    if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    ckpt, model = load_model(args, device)
+    ckpt, model = load_model(args, engine.device)
     model = model.to(memory_format=engine.memory_format)
     if args.data is None:
         args.data = (ckpt.get("args") or {}).get("data")
@@ -267,6 +310,7 @@ def main(args: argparse.Namespace) -> Report:
     for name in (n for n, seeded in per_sample.items() if args.engine == "fast" and not seeded):
         print(f"note: {name} has no fast path; it runs as its torchattacks/cleverhans object")
     config = sweep_config(args, ckpt, file_sha256(args.checkpoint), engine, per_sample)
+    config["world_size"] = dist.world_size
     report = Report(args.out, args.task, config, splits=list(dict.fromkeys(args.splits)),
                     eps_list=args.eps_values, attacks=args.attacks, resume=args.resume)
     spec = SweepSpec(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,
@@ -279,29 +323,27 @@ def main(args: argparse.Namespace) -> Report:
                             random_start=args.random_start, num_classes=num_classes,
                             targeted=args.targeted, seed=args.seed)
 
-    sources, states = {}, {}
-    for split, dataset in load_splits(args, ckpt).items():
-        sources[split], note = load_split(dataset, task=args.task, image_size=ckpt["image_size"],
-                                          max_bytes=args.max_memory * 2**30, pin=device.type == "cuda",
-                                          workers=args.workers)
+    datasets, states = load_splits(args, ckpt), {}
+    shards = {split: shard_of(dataset, split, dist) for split, dataset in datasets.items()}
+    for split, (dataset, offset) in shards.items():
+        source, note = load_split(dataset, task=args.task, image_size=ckpt["image_size"],
+                                  max_bytes=args.max_memory * 2**30, pin=engine.device.type == "cuda",
+                                  workers=args.workers)
         if note:
             print(f"note: split {split}: {note}")
-        states[split] = run_split(model, sources[split], spec, engine, split=split, make_attack=make_attack,
-                                  target_fn=target_fn, on_row=lambda row: log_row(report, row, args.norm),
-                                  state_dir=args.out / ".sweep_state", resume=args.resume)
+        states[split] = run_split(model, source, spec, engine, split=split, make_attack=make_attack,
+                                  target_fn=target_fn, state_dir=args.out / ".sweep_state", resume=args.resume,
+                                  on_row=lambda row: log_row(report, row, args.norm) if dist.is_main else None,
+                                  dist=dist, offset=offset)
         report.add_examples(split, states[split]["examples"])
     if args.checks:
-        split = "test" if "test" in sources else list(sources)[-1]
-        settings = CheckSettings(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,
-                                 norm=args.norm, steps=args.steps, alpha=args.alpha, random_start=args.random_start,
-                                 seed=args.seed, limit=args.check_limit)
-        print(f"gradient-masking checklist on {args.check_limit} (at most) {split} samples:")
-        report.add_checks(run_checks(model, sources[split], settings, engine, report.sorted_rows(), split=split,
-                                     sweep_state=states[split] if not args.targeted else None, on_line=print))
-    report.config["memory"] = peak_memory_mb(device)
-    report.finish()
-    print(f"peak memory: {report.config['memory']}")
-    print(f"wrote {args.out / 'results.csv'} and {args.out / 'report.md'}")
+        run_checklist(args, ckpt, model, engine, report, datasets, states, dist)
+    report.config["memory"] = peak_memory_mb(engine.device)
+    if dist.is_main:
+        report.finish()
+        print(f"peak memory: {report.config['memory']}")
+        print(f"wrote {args.out / 'results.csv'} and {args.out / 'report.md'}")
+    dist.barrier()
     return report
 
 

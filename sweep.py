@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from attacks import Attack
+from distributed import Dist
 from engine import (NORM_TOLERANCE, Engine, Finished, check_adversarial, per_sample_noise, perturbation_norms,
                     predict, row_seed, run_attack)
 from splitdata import SplitSource
@@ -86,6 +87,12 @@ class RowStats:
         self.l2_max = max(self.l2_max, other.l2_max)
         self.seconds += other.seconds
 
+    def reduced(self, dist: Dist) -> RowStats:
+        """The statistics of the whole split (summed, or the max, over ranks)."""
+        totals = dist.sum(torch.tensor([self.n_attacked, self.linf_sum, self.l2_sum], dtype=torch.float64))
+        return RowStats(int(totals[0]), float(totals[1]), float(totals[2]), dist.max_float(self.linf_max),
+                        dist.max_float(self.l2_max), dist.max_float(self.seconds))
+
     def means(self) -> dict:
         """Mean and max norms (the max is the row's visible sanity check against eps)."""
         n = self.n_attacked
@@ -118,7 +125,8 @@ def load_state(path: Path, spec: SweepSpec) -> dict | None:
 
 # --------------------------------------------------------------------------- examples
 def example_indices(labels: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """Up to ``k`` allowed samples, class after class: the first of each class, then the second..."""
+    """Up to ``k`` allowed samples, class after class: the first of each class, then the second...
+    (indices into ``labels``, sorted)."""
     by_class = [torch.nonzero(allowed & (labels == c)).flatten().tolist() for c in sorted(set(labels.tolist()))]
     chosen: list[int] = []
     for rank in range(max((len(members) for members in by_class), default=0)):
@@ -138,9 +146,11 @@ class _SplitSweep:
     """The eps loop shared by both tasks; subclasses attack, count and choose the worst case."""
 
     def __init__(self, model: nn.Module, source: SplitSource, spec: SweepSpec, engine: Engine, *, split: str,
-                 make_attack: Callable[[str, float], Attack], target_fn, on_row, state_path: Path | None) -> None:
+                 make_attack: Callable[[str, float], Attack], target_fn, on_row, state_path: Path | None,
+                 dist: Dist, offset: int) -> None:
         self.model, self.source, self.spec, self.engine, self.split = model, source, spec, engine, split
         self.make_attack, self.on_row, self.state_path = make_attack, on_row, state_path
+        self.dist, self.offset = dist, offset
         self.target_fn = target_fn if spec.targeted else (lambda targets: targets)
 
     def run(self, state: dict | None) -> dict:
@@ -161,11 +171,17 @@ class _SplitSweep:
                 self.on_row(row)
         return state
 
-    def new_state(self, ex_index: torch.Tensor, labels: torch.Tensor, caption: str) -> dict:
+    def new_state(self, labels: torch.Tensor, allowed: torch.Tensor, caption: str) -> dict:
+        """A fresh state; the examples are chosen over the whole split (all ranks' shards)."""
+        everything = self.dist.gather((labels, allowed))
+        chosen = example_indices(torch.cat([part[0] for part in everything]),
+                                 torch.cat([part[1] for part in everything]), self.spec.examples)
+        mine = chosen[(chosen >= self.offset) & (chosen < self.offset + len(labels))]
+        ex_index = mine - self.offset
         originals, targets = self.source.batch(ex_index, torch.device("cpu"))
         return {"fingerprint": self.spec.fingerprint, "done_eps": [], "rows": [], "ex_index": ex_index,
                 "examples": {"original": originals, "label": targets, "eps": [], "adv": [], "pred": [],
-                             "caption": caption, "class": labels[ex_index]}}
+                             "caption": caption, "class": labels[ex_index], "index": mine}}
 
     def timed_attacks(self, state: dict, eps: float, attack_one) -> dict[str, RowStats]:
         """Run ``attack_one(name, stats)`` for every attack, each from its own row seed."""
@@ -188,16 +204,21 @@ class _SplitSweep:
                 bar.update(len(done.index))
 
             run_attack(self.model, self.source, index, atk, self.engine, goal_fn=self.target_fn, emit=counted,
-                       fooled_fn=fooled_fn, noise_fn=per_sample_noise(self.spec.seed, self.split, name))
+                       fooled_fn=fooled_fn,
+                       noise_fn=per_sample_noise(self.spec.seed, self.split, name, self.offset))
 
     def head(self, attack: str, eps: float) -> dict:
-        return {"split": self.split, "attack": attack, "eps": eps, "n": len(self.source)}
+        return {"split": self.split, "attack": attack, "eps": eps, "n": int(self.dist.sum_float(len(self.source)))}
 
     def worst_stats(self, stats: dict[str, RowStats]) -> RowStats:
         merged = RowStats()
         for one in stats.values():
             merged.merge(one)
         return merged
+
+    def counts(self, *values: float) -> list[float]:
+        """Counts summed over the ranks' shards."""
+        return self.dist.sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
     def record_examples(self, state: dict, eps: float, adv: torch.Tensor, pred: torch.Tensor) -> None:
         examples = state["examples"]
@@ -217,8 +238,7 @@ class _ClassificationSweep(_SplitSweep):
         goals = self.target_fn(labels) if self.spec.targeted else labels
         # A targeted sample whose label already is the target cannot be fooled: never attacked.
         eligible = (clean_pred == labels) & ((goals != labels) if self.spec.targeted else True)
-        ex_index = example_indices(labels, eligible, self.spec.examples)
-        state = self.new_state(ex_index, labels, "the first clean-correct samples of each class in turn")
+        state = self.new_state(labels, eligible, "the first clean-correct samples of each class in turn")
         originals = state["examples"]["original"]
         state.update(labels=labels, goals=goals, clean_pred=clean_pred, eligible=eligible, attacks={
             name: {"wrong_eps": torch.where(clean_pred == labels, math.inf, 0.0).double(),
@@ -331,10 +351,12 @@ class _ClassificationSweep(_SplitSweep):
         cm.update(state["labels"], outcome["pred"])
         eligible = state["eligible"]
         success = outcome["hit"] if self.spec.targeted else torch.isfinite(outcome["wrong_eps"])
-        rate = (eligible & success).sum().item() / eligible.sum().item() if eligible.any() else math.nan
+        n_eligible, n_success = self.counts(eligible.sum().item(), (eligible & success).sum().item())
+        stats = stats.reduced(self.dist)
         row = self.head(name, eps)
-        row.update(compute_metrics("classification", cm.mat, self.spec.class_names))
-        row.update({"attack_success_rate": rate, **stats.means(), "seconds": stats.seconds})
+        row.update(compute_metrics("classification", self.dist.sum(cm.mat), self.spec.class_names))
+        row.update({"attack_success_rate": n_success / n_eligible if n_eligible else math.nan, **stats.means(),
+                    "seconds": stats.seconds})
         return row
 
 
@@ -348,9 +370,8 @@ class _SegmentationSweep(_SplitSweep):
             pred = predict(self.model, images)
             preds.append(pred.to(torch.uint8).cpu())
             cms.append(per_image_confusion(masks, pred, num_classes))
-        labels = torch.tensor(self.source.labels)
-        ex_index = example_indices(labels, torch.ones(len(labels), dtype=torch.bool), self.spec.examples)
-        state = self.new_state(ex_index, labels, "the first image of each class in turn")
+        labels = torch.tensor(self.source.labels, dtype=torch.long)
+        state = self.new_state(labels, torch.ones(len(labels), dtype=torch.bool), "the first image of each class in turn")
         state.update(clean_pred=torch.cat(preds), clean_cm=torch.cat(cms),
                      attacks={name: {"cms": [], "flipped": []} for name in self.spec.attacks})
         return state
@@ -423,10 +444,11 @@ class _SegmentationSweep(_SplitSweep):
 
     def row(self, state: dict, name: str, eps: float, cms: torch.Tensor, flipped: torch.Tensor,
             stats: RowStats) -> dict:
-        pixels = state["clean_pred"].numel()
+        pixels, n_flipped = self.counts(state["clean_pred"].numel(), flipped.sum().item())
+        stats = stats.reduced(self.dist)
         row = self.head(name, eps)
-        row.update(compute_metrics("segmentation", cms.sum(0), self.spec.class_names))
-        row.update({"flipped_fraction": flipped.sum().item() / pixels if pixels else math.nan, **stats.means(),
+        row.update(compute_metrics("segmentation", self.dist.sum(cms.sum(0)), self.spec.class_names))
+        row.update({"flipped_fraction": n_flipped / pixels if pixels else math.nan, **stats.means(),
                     "seconds": stats.seconds})
         return row
 
@@ -436,15 +458,17 @@ def run_split(model: nn.Module, source: SplitSource, spec: SweepSpec, engine: En
               make_attack: Callable[[str, float], Attack],
               target_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
               on_row: Callable[[dict], None] = lambda row: None,
-              state_dir: Path | None = None, resume: bool = False) -> dict:
+              state_dir: Path | None = None, resume: bool = False, dist: Dist = Dist(), offset: int = 0) -> dict:
     """Sweep one split over ``spec.eps_list`` (ascending) and ``spec.attacks``; call ``on_row``
     after every row (one per attack, plus ``worst`` when there are several).
 
     ``make_attack(name, eps)`` returns ``attack(images, labels) -> adversarial images`` (labels
     are the targets from ``target_fn`` when ``spec.targeted``). With ``resume`` a matching
     state in ``state_dir`` is continued and its finished rows are passed to ``on_row`` again.
-    Returns the split's state: its ``rows``, per-attack per-sample outcomes and ``examples``
-    (``original, label, caption`` and per eps ``eps, adv, pred``).
+    Under torchrun ``source`` is this rank's shard, starting at sample ``offset`` of the split:
+    rows are reduced over ranks, so every rank gets the rows of the whole split.
+    Returns this rank's state: its ``rows``, per-attack per-sample outcomes and ``examples``
+    (``original, label, caption`` and per eps ``eps, adv, pred``; of the whole split).
     """
     if list(spec.eps_list) != sorted(set(spec.eps_list)):
         raise ValueError("eps_list must be ascending without duplicates")
@@ -453,11 +477,56 @@ def run_split(model: nn.Module, source: SplitSource, spec: SweepSpec, engine: En
     if len(source) == 0:
         raise DataError(f"split {split} has no samples; check --data, --splits and --limit")
     model.eval()
-    state_path = Path(state_dir) / f"{split}.pt" if state_dir is not None else None
+    state_path = None
+    if state_dir is not None:
+        name = f"{split}.pt" if not dist.active else f"{split}.rank{dist.rank}of{dist.world_size}.pt"
+        state_path = Path(state_dir) / name
     state = load_state(state_path, spec) if resume and state_path is not None else None
+    done = dist.gather(len(state["done_eps"]) if state is not None else -1)
+    if len(set(done)) > 1:  # a kill between two ranks' saves: start the split again on every rank
+        state = None
     for row in (state or {}).get("rows", []):
         on_row(row)
     kind = _ClassificationSweep if spec.task == "classification" else _SegmentationSweep
     sweeper = kind(model, source, spec, engine, split=split, make_attack=make_attack, target_fn=target_fn,
-                   on_row=on_row, state_path=state_path)
-    return sweeper.run(state)
+                   on_row=on_row, state_path=state_path, dist=dist, offset=offset)
+    state = sweeper.run(state)
+    if dist.active:
+        state = {**state, "examples": merge_examples(dist.gather(state["examples"]))}
+    return state
+
+
+def merge_examples(parts: list[dict]) -> dict:
+    """The examples of all ranks' shards as one set, in split order."""
+    present = [part for part in parts if len(part["index"])]
+    if not present:
+        return parts[0]
+    order = torch.argsort(torch.cat([part["index"] for part in present]))
+    cat = lambda key: torch.cat([part[key] for part in present])[order]  # noqa: E731
+    merged = {key: cat(key) for key in ("original", "label", "class", "index")}
+    merged.update(eps=present[0]["eps"], caption=present[0]["caption"],
+                  adv=[torch.cat([p["adv"][i] for p in present])[order] for i in range(len(present[0]["eps"]))],
+                  pred=[torch.cat([p["pred"][i] for p in present])[order] for i in range(len(present[0]["eps"]))])
+    return merged
+
+
+#: Per-sample outcomes the checklist reuses, by task.
+CHECK_FIELDS = {"classification": ("wrong_eps", "pred", "hit"), "segmentation": ("cms",)}
+
+
+def gather_outcomes(state: dict, task: str, dist: Dist) -> dict:
+    """The per-sample outcomes of every attack over the whole split (all ranks' shards)."""
+    mine = {"done_eps": state["done_eps"],
+            "attacks": {name: {key: per_attack[key] for key in CHECK_FIELDS[task] if key in per_attack}
+                        for name, per_attack in state["attacks"].items()}}
+    parts = dist.gather(mine)
+    if len(parts) == 1:
+        return mine
+    joined = {"done_eps": mine["done_eps"], "attacks": {}}
+    for name in mine["attacks"]:
+        joined["attacks"][name] = {}
+        for key, value in mine["attacks"][name].items():
+            pieces = [part["attacks"][name][key] for part in parts]
+            joined["attacks"][name][key] = ([torch.cat([p[i] for p in pieces]) for i in range(len(value))]
+                                            if isinstance(value, list) else torch.cat(pieces))
+    return joined
