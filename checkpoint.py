@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from model import build_model
-from utils import CheckpointError, atomic_path
+from utils import CheckpointError, atomic_torch_save
 
 FORMAT = "wbc-attack-checkpoint"
 VERSION = 1
@@ -51,8 +51,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, task: str, dep
         "model": module.state_dict(),
     }
     payload.update({key: to_plain(value) for key, value in state.items()})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(path, payload)
 
 
 def _mismatch(path: Path, field: str, found: Any, expected: Any) -> CheckpointError:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils import ConfusionMatrix, DataError, ToolError, atomic_path, compute_metrics
+from utils import ConfusionMatrix, DataError, ToolError, atomic_torch_save, compute_metrics
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NORM_TOLERANCE = 1e-6
@@ -121,8 +121,7 @@ def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- state files
 def save_state(path: Path, state: dict) -> None:
     """``torch.save`` into a temporary file, then rename: a kill never leaves half a state."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(path, state)
 
 
 def load_state(path: Path, spec: SweepSpec) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -84,7 +85,8 @@ def one_line(err: BaseException) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
 
-    If the body raises, the temporary file is removed and ``path`` keeps its old content.
+    If the body raises, the temporary file is removed and ``path`` keeps its old content. An
+    ``OSError`` (a full disk, a quota, an I/O error) becomes a one-line :class:`ToolError`.
     """
     path = Path(path)
     try:
@@ -103,8 +105,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600 files: give results the usual readable mode (or keep the old one)
         os.chmod(tmp_path, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
         raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -112,6 +116,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_error(path: Path, err: OSError) -> ToolError:
+    """A failed write (disk full, quota, I/O error) as one line that says the old file is kept."""
+    reason = err.strerror or str(err) or type(err).__name__
+    fix = "free some disk space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no partial {path.name} was left"
+    return ToolError(f"cannot write {path} ({reason}); {kept}; {fix} or choose another --out, then rerun")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically, through a Python file object.
+
+    Saving to a file name makes a full disk surface as an opaque ``RuntimeError`` from the zip
+    writer. Through a file object the ``OSError`` (ENOSPC) of the failed write is raised, or
+    chained to the zip writer's ``RuntimeError``; either way :func:`atomic_path` reports it.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as err:
+            cause = _chained_os_error(err)
+            if cause is None:
+                raise
+            raise cause from err
+
+
+def _chained_os_error(err: BaseException | None) -> OSError | None:
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
