@@ -23,8 +23,8 @@ from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from dataset import build_splits, make_loader
 from report import Report, library_versions
 from sweep import SweepSpec, run_split
-from utils import (ArgumentParser, CheckpointError, UsageError, check_writable_dir, parse_fraction,
-                   resolve_device, run_cli, seed_everything)
+from utils import (ArgumentParser, CheckpointError, UsageError, output_lock, parse_fraction, resolve_device,
+                   run_cli, seed_everything)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
@@ -191,7 +191,12 @@ def main(args: argparse.Namespace) -> Report:
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
     args.checkpoint = Path(args.checkpoint or args.out / "checkpoints" / "best.pt")
     device = resolve_device(args.device)  # a usage error: before --out is created
-    check_writable_dir(args.out)
+    with output_lock(args.out):
+        return run_sweep(args, device)
+
+
+def run_sweep(args: argparse.Namespace, device: torch.device) -> Report:
+    """The sweep itself, run while this process holds the lock on ``args.out``."""
     seed_everything(args.seed)
     ckpt, model = load_model(args, device)
     if args.data is None:

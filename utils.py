@@ -6,10 +6,12 @@ import argparse
 import contextlib
 import csv
 import errno
+import fcntl
 import io
 import json
 import os
 import random
+import re
 import stat
 import sys
 import tempfile
@@ -206,6 +208,95 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
         raise ToolError(f"output folder {path} is not writable ({err.strerror}); "
                         "pass a writable folder with --out") from err
     return path
+
+
+# --------------------------------------------------------------------------- output-folder lock
+LOCK_NAME = ".lock"
+#: Sub-folders the tools write into; stale temporaries are only removed there and in --out itself.
+OUTPUT_SUBFOLDERS = ("checkpoints", "Images", ".sweep_state")
+#: What :func:`atomic_path` names its temporaries: ``.<name>.<8 random characters>.tmp``.
+STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder ``folder`` for the body of the ``with``.
+
+    The lock is an OS file lock (``flock``) on ``<folder>/.lock``, which holds the holder's pid.
+    A second run into the same folder stops at once with a one-line error naming that pid. The
+    OS drops the lock however the process ends (even on SIGKILL); a normal exit also removes
+    the file. Once the lock is held no other run can be writing here, so temporaries left by
+    killed writes are removed.
+    """
+    folder = check_writable_dir(folder)
+    lock_path = folder / LOCK_NAME
+    fd = _acquire_lock(lock_path)
+    try:
+        remove_stale_temps(folder)
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()  # while still locked: a waiting opener sees the inode change
+        os.close(fd)
+
+
+def _acquire_lock(path: Path) -> int:
+    """Open and ``flock`` ``path``; retry if the holder removed it between our open and lock."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ToolError(f"output folder {path.parent} is not writable ({err.strerror}); "
+                            "pass a writable folder with --out") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ToolError(f"output folder {path.parent} is in use by another run (pid {holder}); "
+                                "wait for it to finish or choose another --out") from None
+            raise ToolError(f"cannot lock output folder {path.parent} ({err.strerror}); "
+                            "choose an --out on a local disk") from err
+        if _is_same_file(fd, path):
+            with contextlib.suppress(OSError):  # the pid is only for the message
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid written into a lock file by its holder ("unknown" if it has not written it yet)."""
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+def _is_same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temporaries of interrupted atomic writes in ``folder`` and its output sub-folders.
+
+    Only call this while holding :func:`output_lock`: a live writer's temporary looks the same.
+    """
+    removed = []
+    for where in (folder, *(folder / name for name in OUTPUT_SUBFOLDERS)):
+        if not where.is_dir() or where.is_symlink():
+            continue
+        for entry in os.scandir(where):
+            if STALE_TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 # --------------------------------------------------------------------------- devices, seeds
