@@ -23,8 +23,8 @@ from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from dataset import build_splits, make_loader
 from report import Report, library_versions
 from sweep import SweepSpec, run_split
-from utils import (ArgumentParser, CheckpointError, UsageError, output_lock, parse_fraction, resolve_device,
-                   run_cli, seed_everything)
+from utils import (ArgumentParser, CheckpointError, UsageError, check_number, check_seed, output_lock,
+                   parse_fraction, resolve_device, run_cli, seed_everything)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
@@ -101,9 +101,10 @@ def validate_args(args: argparse.Namespace) -> None:
     """Turn bad flag combinations into one-line usage errors before any work."""
     info = attack_info(args.attack)
     args.eps_values = parse_eps_list(args.eps_list, info.norm)
+    check_number("--alpha", args.alpha, low=0, low_open=True)
+    check_seed(args.seed)
     checks = [
         (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
-        (args.alpha is not None and not args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.limit is not None and args.limit < 1, f"--limit must be >= 1, got {args.limit}"),
         (args.examples < 0, f"--examples must be >= 0, got {args.examples}"),

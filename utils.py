@@ -9,6 +9,7 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import random
 import re
@@ -45,7 +46,17 @@ class CheckpointError(ToolError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump), exit code 2."""
+    """argparse with a one-line error (no usage dump), exit code 2.
+
+    A value that starts with a minus and a digit (``-1/255``, ``-1e-3``) is taken as a value,
+    never as an option, so the flag's own check can name it. Plain argparse only does that for
+    ``-1`` and ``-0.5`` and otherwise reports "expected at least one argument". No option of
+    these tools starts with a digit.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
@@ -297,6 +308,36 @@ def remove_stale_temps(folder: Path) -> list[Path]:
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed
+
+
+# --------------------------------------------------------------------------- flag checks
+SEED_MAX = 2**32 - 1
+
+
+def check_number(flag: str, value: float | None, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A usage error unless ``value`` is None or a finite number within the given bounds."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if math.isfinite(value) and not too_low and not too_high:
+        return
+    if low is not None and high is not None:
+        bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        bounds = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        bounds = ""
+    raise UsageError(f"{flag} must be a finite number{bounds}, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    """Seeds reach numpy (32 bits) and torch (64 bits, after ``seed * 1000 + epoch``)."""
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must be an integer in [0, {SEED_MAX}] (2**32 - 1), got {seed}")
 
 
 # --------------------------------------------------------------------------- devices, seeds
