@@ -196,7 +196,7 @@ def _attack_robust(model: nn.Module, loader: Any, spec: SweepSpec, st: dict, att
     """Attack the still-robust samples (or all, with ``attack_all``) and update the worst case."""
     robust_before = st["robust"].clone()
     k = len(st["ex_current"])
-    for offset, images, _ in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False):
+    for offset, images, _ in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False, disable=None):
         idx = torch.arange(offset, offset + len(images))
         chosen = torch.ones_like(idx, dtype=torch.bool) if spec.attack_all else robust_before[idx]
         if not chosen.any():
@@ -223,7 +223,7 @@ def _min_norm_attack(model: nn.Module, loader: Any, spec: SweepSpec, st: dict, a
     st["mn_pred"] = st["pred"].clone()
     st["mn_examples"] = st["ex_current"].clone()
     k = len(st["ex_current"])
-    for offset, images, _ in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False):
+    for offset, images, _ in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False, disable=None):
         idx = torch.arange(offset, offset + len(images))
         chosen = st["eligible"][idx]
         if not chosen.any():
@@ -293,7 +293,8 @@ def _segmentation_row(model, loader, spec, *, split, eps, attack, target_fn, dev
     stats, flipped, pixels, n = RowStats(), 0, 0, 0
     k = len(state["examples"]["label"])
     desc = f"{split} {spec.attack} eps={eps * 255:.3g}/255"
-    for offset, images, masks in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False):
+    for offset, images, masks in tqdm(_batches(loader, device), total=len(loader), desc=desc, leave=False,
+                                      disable=None):
         clean_pred = _predict(model, images)
         adv, pred = images, clean_pred
         if eps > 0:

@@ -177,7 +177,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     total_loss, total_seen, correct, counted = 0.0, 0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", leave=False,
-               disable=not is_main_process() or not sys.stderr.isatty())
+               disable=None if is_main_process() else True)
     for step, (images, target) in enumerate(bar):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         target = target.to(device, non_blocking=True)
@@ -214,7 +214,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     cm = ConfusionMatrix(len(class_names))
-    for images, target in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+    for images, target in tqdm(loader, desc=desc, leave=False, disable=None):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         cm.update(target, model(images).argmax(1).cpu())
     cm.reduce_from_all_processes()
