@@ -53,8 +53,8 @@ def _clean(value: Any) -> Any:
 
 
 def _is_row(row: Any) -> bool:
-    """A row as write_tables() writes it: a split name and finite eps and eps_255."""
-    if not isinstance(row, dict) or not isinstance(row.get("split"), str):
+    """A row as write_tables() writes it: split and attack names, a finite eps and eps_255."""
+    if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("split", "attack")):
         return False
     return all(isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
                and math.isfinite(row[key]) for key in ("eps", "eps_255"))
@@ -72,7 +72,7 @@ def previous_rows(out: Path, config: dict) -> list[dict]:
     old_config, rows = (previous.get("config"), previous.get("rows")) if isinstance(previous, dict) else (None, None)
     if not isinstance(old_config, dict) or not isinstance(rows, list) or not all(map(_is_row, rows)):
         raise ToolError(f"{path} is not a results file of main.py (it needs a config object and rows with a "
-                        "split, eps and eps_255); use another --out or drop --resume")
+                        "split, attack, eps and eps_255); use another --out or drop --resume")
     for key in RESUME_FIELDS:
         if old_config.get(key) != config.get(key):
             raise ToolError(f"results in {out} were made with a different config ({key}: "

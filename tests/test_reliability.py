@@ -438,6 +438,7 @@ def test_random_bytes_are_corrupt_not_unsafe(tmp_path, seed):
 @pytest.mark.parametrize("content", [
     "[]", '"results"', '{"config": [], "rows": []}', '{"config": {}, "rows": {}}', '{"config": {}, "rows": [1]}',
     '{"config": {}, "rows": [{"split": "val"}]}', '{"config": {}, "rows": [{"split": "val", "eps": "0"}]}',
+    '{"config": {}, "rows": [{"split": "val", "attack": ["pgd"], "eps": 0, "eps_255": 0}]}',
 ])
 def test_resume_meets_a_results_json_of_the_wrong_shape(tmp_path, capsys, sweep_checkpoint, content):
     out = tmp_path / "out"
