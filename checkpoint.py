@@ -6,21 +6,25 @@ arbitrary Python objects (and so could run code) is refused, never executed.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from model import build_model
-from utils import CheckpointError, atomic_path
+from dataset import CLASS_NAMES, SEG_CLASS_NAMES
+from model import DEPTHS, TASKS, build_model
+from utils import CheckpointError, atomic_torch_save, primary_metric
 
 FORMAT = "wbc-attack-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "task", "depth", "class_names", "image_size", "mean", "std", "model")
+#: What train.py adds to every checkpoint so that ``--resume`` can continue from it.
+RESUME_KEYS = ("optimizer", "scheduler", "rng", "history", "best_metric")
 
 
 def to_plain(value: Any) -> Any:
@@ -51,8 +55,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, task: str, dep
         "model": module.state_dict(),
     }
     payload.update({key: to_plain(value) for key, value in state.items()})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(path, payload)
 
 
 def _mismatch(path: Path, field: str, found: Any, expected: Any) -> CheckpointError:
@@ -66,22 +69,15 @@ def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, depth: 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; train one with train.py or pass --checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights only" in str(err).lower():
-            raise CheckpointError(f"refusing to load {path}: it holds Python objects that could run code "
-                                  f"when unpickled ({first_line[:120]}); only load checkpoints you trust "
-                                  "and re-save them as plain tensors") from err
-        raise CheckpointError(f"checkpoint {path} is corrupt ({first_line[:120]}); re-create it") from err
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); "
-                              "re-create it or use another --checkpoint") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in REQUIRED_KEYS):
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by this tool's train.py; "
                               "pass a checkpoint from train.py")
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}; "
+                              "re-create it with train.py")
+    validate_fields(path, ckpt)
     expected = {"task": task, "depth": depth, "image_size": image_size,
                 "class_names": list(class_names) if class_names is not None else None}
     for field, value in expected.items():
@@ -90,15 +86,174 @@ def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, depth: 
     return ckpt
 
 
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; unsafe content and corrupt bytes are told apart."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # The weights-only unpickler names a refused callable "GLOBAL module.name"; anything
+        # else (random bytes, "Unsupported operand ...") is damage, not an attack.
+        if "global" in str(err).lower() and _starts_like_torch_file(path):
+            raise CheckpointError(f"refusing to load {path}: it holds Python objects that could run code "
+                                  f"when unpickled ({_refused_global(err)}); only load checkpoints you trust "
+                                  "and re-save them as plain tensors") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt (not a PyTorch checkpoint); "
+                              "re-create it or use another --checkpoint") from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, UnicodeDecodeError) as err:
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); "
+                              "re-create it or use another --checkpoint") from err
+
+
+def _starts_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save) or a pickle stream (legacy torch.save, plain pickle)."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def _refused_global(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+    return (lines[0] if lines else str(err).strip().splitlines()[0])[:120]
+
+
+# --------------------------------------------------------------------------- field validation
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite_numbers(value: Any, count: int) -> bool:
+    return (isinstance(value, list) and len(value) == count
+            and all(_is_number(v) and math.isfinite(v) for v in value))
+
+
+def _state_dict(value: Any) -> bool:
+    return (isinstance(value, dict) and len(value) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+
+
+def _optional_path(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+#: field -> (check, what it must be). Every field a tool reads is checked before it is used.
+FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task": (lambda v: isinstance(v, str) and v in TASKS, f"one of {', '.join(TASKS)}"),
+    "depth": (lambda v: _is_int(v) and v in DEPTHS, f"one of {', '.join(map(str, DEPTHS))}"),
+    "image_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "mean": (lambda v: _finite_numbers(v, 3), "3 finite numbers"),
+    "std": (lambda v: _finite_numbers(v, 3) and min(v) > 0, "3 finite positive numbers"),
+    "model": (_state_dict, "a state dict of named tensors"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "metrics": (lambda v: isinstance(v, dict), "a dict"),
+    "args": (lambda v: isinstance(v, dict), "a dict"),
+}
+#: Training arguments that main.py reads back (for the data split) -> check, what it must be.
+ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data": (_optional_path, "a path or null"),
+    "val_data": (_optional_path, "a path or null"),
+    "test_data": (_optional_path, "a path or null"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "skip_missing_masks": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _bad_field(path: Path, field: str, value: Any, expected: str) -> CheckpointError:
+    shown = type(value).__name__ if isinstance(value, (dict, torch.Tensor)) else repr(value)[:60]
+    return CheckpointError(f"checkpoint {path} is corrupt: field {field} is {shown}, expected {expected}; "
+                           "re-create it with train.py")
+
+
+def validate_fields(path: Path, ckpt: Mapping) -> None:
+    """Check the type and value of every field (a wrong one is a corrupt checkpoint, exit 1)."""
+    for field, (ok, expected) in FIELD_CHECKS.items():
+        if field in ckpt and not ok(ckpt[field]):
+            raise _bad_field(path, field, ckpt[field], expected)
+    names = list(CLASS_NAMES if ckpt["task"] == "classification" else SEG_CLASS_NAMES)
+    if ckpt["class_names"] != names:  # the datasets' label order; a model for other classes cannot be used
+        raise _bad_field(path, "class_names", ckpt["class_names"], f"the {ckpt['task']} classes {names}")
+    for field, (ok, expected) in ARG_CHECKS.items():
+        if field in ckpt.get("args", {}) and not ok(ckpt["args"][field]):
+            raise _bad_field(path, f"args.{field}", ckpt["args"][field], expected)
+    bad = [name for name, tensor in ckpt["model"].items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its model weights hold NaN or inf ({bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); re-create it")
+
+
+def _history_ok(history: Any, epoch: Any, task: str) -> bool:
+    """One row per finished epoch, numbered 1..epoch, with the fields train.py reads back."""
+    if not isinstance(history, list) or len(history) != epoch:
+        return False
+    fields = ("seconds", "train_loss", f"val_{primary_metric(task)}")
+    return all(isinstance(row, dict) and row.get("epoch") == i + 1 and all(_is_number(row.get(f)) for f in fields)
+               for i, row in enumerate(history))
+
+
+def _byte_state(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def _rng_ok(rng: Any) -> bool:
+    """The CPU generator state (of this torch's size) and a list of CUDA ones (maybe empty)."""
+    if not isinstance(rng, dict) or not _byte_state(rng.get("torch")):
+        return False
+    cuda = rng.get("cuda", [])
+    return (rng["torch"].numel() == torch.get_rng_state().numel()
+            and isinstance(cuda, list) and all(map(_byte_state, cuda)))
+
+
+def _optimizer_ok(state: Any) -> bool:
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+        return False
+    groups = state.get("param_groups")
+    return (isinstance(groups, list) and len(groups) > 0
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) and _is_number(g.get("lr"))
+                    for g in groups))
+
+
+RESUME_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "optimizer": (_optimizer_ok, "an optimizer state dict"),
+    "scheduler": (lambda v: isinstance(v, dict) and _is_int(v.get("last_epoch")), "a scheduler state dict"),
+    "scaler": (lambda v: isinstance(v, dict), "a dict"),
+    "rng": (_rng_ok, "the saved random-number-generator state"),
+    "best_metric": (lambda v: _is_number(v) and not math.isnan(v), "a number"),
+}
+
+
+def validate_resume_state(path: Path, ckpt: Mapping) -> None:
+    """A ``last.pt`` must also hold everything ``--resume`` restores."""
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks the resume state "
+                              f"({', '.join(missing)}); start afresh with --overwrite or choose another --out")
+    for field, (ok, expected) in RESUME_CHECKS.items():
+        if field in ckpt and not ok(ckpt[field]):
+            raise _bad_field(path, field, ckpt[field], expected)
+    if not _history_ok(ckpt["history"], ckpt.get("epoch", 0), ckpt["task"]):
+        raise _bad_field(path, "history", ckpt["history"], f"one row per epoch 1..{ckpt.get('epoch', 0)}")
+
+
 def model_from_checkpoint(ckpt: Mapping, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the model recorded in ``ckpt`` and load its weights (eval mode)."""
     model = build_model(ckpt["task"], ckpt["depth"], len(ckpt["class_names"]), ckpt["mean"], ckpt["std"])
+    load_weights(model, ckpt)
+    return model.to(device).eval()
+
+
+def load_weights(model: nn.Module, ckpt: Mapping) -> None:
+    """``model.load_state_dict(ckpt["model"])`` with a one-line error if the weights do not fit."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit a {ckpt['task']} model of depth {ckpt['depth']} "
                               f"({str(err).splitlines()[0][:120]}); re-create the checkpoint") from err
-    return model.to(device).eval()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

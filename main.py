@@ -12,6 +12,7 @@ figures and ``report.md`` into ``--out`` (see ``report.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,8 +30,9 @@ from engine import Engine
 from report import Report, library_versions
 from splitdata import load_split
 from sweep import SweepSpec, gather_outcomes, run_split
-from utils import (PRECISIONS, ArgumentParser, CheckpointError, UsageError, check_writable_dir, parse_fraction,
-                   peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
+from utils import (PRECISIONS, ArgumentParser, CheckpointError, UsageError, check_number, check_seed,
+                   output_lock, parse_fraction, peak_memory_mb, resolve_device, resolve_precision, run_cli,
+                   seed_everything)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
@@ -144,15 +146,16 @@ def validate_args(args: argparse.Namespace) -> None:
     args.attacks = parse_attack_list(args.attack, args.task, args.targeted)
     args.norm = attack_info(args.attacks[0]).norm
     args.eps_values = parse_eps_list(args.eps_list, args.norm)
+    check_number("--alpha", args.alpha, low=0, low_open=True)
+    check_number("--max-memory", args.max_memory, low=0)
+    check_seed(args.seed)
     checks = [
         (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
-        (args.alpha is not None and not args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.limit is not None and args.limit < 1, f"--limit must be >= 1, got {args.limit}"),
         (args.examples < 0, f"--examples must be >= 0, got {args.examples}"),
         (args.workers < 0, f"--workers must be >= 0, got {args.workers}"),
         (args.check_limit < 1, f"--check-limit must be >= 1, got {args.check_limit}"),
-        (not args.max_memory >= 0, f"--max-memory must be >= 0 GiB, got {args.max_memory}"),
         (args.target_class is not None and (args.task != "classification" or not args.targeted),
          "--target-class needs --targeted and --task classification (segmentation uses --target-map)"),
         (args.target_class is not None and not 0 <= args.target_class < len(CLASS_NAMES),
@@ -286,17 +289,17 @@ def main(args: argparse.Namespace) -> Report:
     dist = init_distributed(args.device)
     restore_print = setup_for_distributed(dist.is_main)
     try:
-        return sweep(args, dist)
+        engine = build_engine(args, dist.device)
+        with output_lock(args.out) if dist.is_main else contextlib.nullcontext():
+            dist.barrier()
+            return run_sweep(args, dist, engine)
     finally:
         restore_print()
         shutdown(dist)
 
 
-def sweep(args: argparse.Namespace, dist: Dist) -> Report:
-    engine = build_engine(args, dist.device)
-    if dist.is_main:
-        check_writable_dir(args.out)
-    dist.barrier()
+def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
+    """The sweep itself, run while the main process holds the lock on ``args.out``."""
     seed_everything(args.seed)
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

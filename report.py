@@ -59,6 +59,18 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _is_row(row: Any) -> bool:
+    """A row as write_tables() writes it: split and attack names, a finite eps, and eps_255
+    (a number, or null for L2 budgets)."""
+    if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("split", "attack")):
+        return False
+    return _finite_number(row.get("eps")) and (row.get("eps_255") is None or _finite_number(row["eps_255"]))
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def previous_rows(out: Path, config: dict) -> list[dict]:
     """Rows of ``<out>/results.json`` if it was made with the same config (for --resume)."""
     path = out / "results.json"
@@ -66,9 +78,12 @@ def previous_rows(out: Path, config: dict) -> list[dict]:
         return []
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
-        old_config, rows = previous["config"], previous["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise ToolError(f"{path} is unreadable ({err}); use another --out or drop --resume") from err
+    old_config, rows = (previous.get("config"), previous.get("rows")) if isinstance(previous, dict) else (None, None)
+    if not isinstance(old_config, dict) or not isinstance(rows, list) or not all(map(_is_row, rows)):
+        raise ToolError(f"{path} is not a results file of main.py (it needs a config object and rows with a "
+                        "split, attack, eps and eps_255); use another --out or drop --resume")
     for key in dict.fromkeys(resume_fields(old_config) + resume_fields(config)):
         if old_config.get(key) != config.get(key):
             raise ToolError(f"results in {out} were made with a different config ({key}: "

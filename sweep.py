@@ -36,7 +36,7 @@ from distributed import Dist
 from engine import (NORM_TOLERANCE, Engine, Finished, check_adversarial, per_sample_noise, perturbation_norms,
                     predict, row_seed, run_attack)
 from splitdata import SplitSource
-from utils import (ConfusionMatrix, DataError, atomic_path, compute_metrics, per_image_confusion,
+from utils import (ConfusionMatrix, DataError, atomic_torch_save, compute_metrics, per_image_confusion,
                    per_image_dice)
 
 WORST = "worst"
@@ -103,8 +103,7 @@ class RowStats:
 # --------------------------------------------------------------------------- state files
 def save_state(path: Path, state: dict) -> None:
     """``torch.save`` into a temporary file, then rename: a kill never leaves half a state."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(path, state)
 
 
 def load_state(path: Path, spec: SweepSpec) -> dict | None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -18,12 +19,13 @@ from torch import nn
 from tqdm import tqdm
 
 import dataset
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
 from model import DEPTHS, TASKS, build_model
-from utils import (ArgumentParser, ConfusionMatrix, ToolError, UsageError, atomic_savefig,
-                   atomic_write_csv, atomic_write_json, check_writable_dir, compute_metrics,
-                   init_distributed_mode, is_main_process, primary_metric, resolve_device, run_cli,
-                   seed_everything)
+from run_folder import load_best, load_resume, refuse_earlier_run, remove_earlier_run, restore_state
+from utils import (ArgumentParser, ConfusionMatrix, DataError, ToolError, UsageError, atomic_savefig,
+                   atomic_write_csv, atomic_write_json, check_number, check_seed, check_writable_dir,
+                   compute_metrics, init_distributed_mode, is_main_process, output_lock, primary_metric,
+                   resolve_device, run_cli, seed_everything)
 
 DEFAULT_EPOCHS = {"classification": 12, "segmentation": 25}
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.05}
@@ -62,6 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--out", default=None, help="output folder (default Classification/ or Segmentation/)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in --out (its checkpoints, log and metrics)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -78,15 +82,43 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    for flag, value in (("--workers", args.workers), ("--warmup-epochs", args.warmup_epochs)):
+        if value < 0:
+            raise UsageError(f"{flag} must be 0 or more, got {value}")
+    check_number("--lr", args.lr, low=0, low_open=True)
+    check_number("--weight-decay", args.weight_decay, low=0)
+    check_number("--label-smoothing", args.label_smoothing, low=0, high=1, high_open=True)
+    check_number("--dice-weight", args.dice_weight, low=0)
+    for value in args.mean or ():
+        check_number("--mean", value, low=0, high=1)
+    for value in args.std or ():
+        check_number("--std", value, low=0, low_open=True)
+    check_seed(args.seed)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it; pass only one")
+    if args.batch_size == 1 and smallest_batchnorm_area(args.task, args.depth, args.image_size) == 1:
+        raise UsageError(f"--batch-size 1 leaves BatchNorm one value per channel at --image-size "
+                         f"{args.image_size}, which cannot train; use --batch-size 2 or more")
     args.epochs = args.epochs or DEFAULT_EPOCHS[args.task]
     args.lr = args.lr or DEFAULT_LR[args.opt]
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
+
+
+def smallest_batchnorm_area(task: str, depth: int, image_size: int) -> int:
+    """Pixels per channel of the smallest BatchNorm input for one image of ``image_size``.
+
+    Training BatchNorm needs more than one value per channel, i.e. batch * area > 1. Found by
+    tracing the model on the meta device (no weights, no compute).
+    """
+    with torch.device("meta"):
+        model = build_model(task, depth, 3).eval()
+    areas: list[int] = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_hook(lambda _m, inputs, _o: areas.append(inputs[0].shape[2:].numel()))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size, device="meta"))
+    return min(areas, default=2)
 
 
 def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -177,7 +209,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     total_loss, total_seen, correct, counted = 0.0, 0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", leave=False,
-               disable=not is_main_process() or not sys.stderr.isatty())
+               disable=None if is_main_process() else True)
     for step, (images, target) in enumerate(bar):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         target = target.to(device, non_blocking=True)
@@ -214,7 +246,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     cm = ConfusionMatrix(len(class_names))
-    for images, target in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+    for images, target in tqdm(loader, desc=desc, leave=False, disable=None):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         cm.update(target, model(images).argmax(1).cpu())
     cm.reduce_from_all_processes()
@@ -264,22 +296,37 @@ def summary_line(task: str, metrics: dict) -> str:
     return "  ".join(f"{key} {metrics[key]:.4f}" for key in keys)
 
 
+def check_train_split(args: argparse.Namespace, n_train: int) -> None:
+    """A one-sample train split gives batches of one, which BatchNorm cannot train on."""
+    if n_train == 1 and smallest_batchnorm_area(args.task, args.depth, args.image_size) == 1:
+        raise DataError(f"the train split has a single sample, but BatchNorm needs at least 2 per batch at "
+                        f"--image-size {args.image_size}; add training images or raise --limit")
+
+
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     init_distributed_mode(args)
     device = resolve_device(args.device)
+    with output_lock(args.out) if is_main_process() else contextlib.nullcontext():
+        return train(args, device)
+
+
+def train(args: argparse.Namespace, device: torch.device) -> dict:
+    """The training run itself; the main process holds the lock on ``args.out`` throughout."""
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(args.seed)
     ckpt_dir = args.out / "checkpoints"
     if is_main_process():
         check_writable_dir(ckpt_dir)
-    resume = load_checkpoint(ckpt_dir / "last.pt", task=args.task, depth=args.depth,
-                             image_size=args.image_size) if args.resume else None
+    resume = load_resume(args, ckpt_dir) if args.resume else None
+    if resume is None and not args.overwrite:
+        refuse_earlier_run(args.out)
 
     splits = dataset.build_splits(args.task, args.data, args.val_data, args.test_data,
                                   image_size=args.image_size, seed=args.seed, limit=args.limit,
                                   skip_missing_masks=args.skip_missing_masks)
+    check_train_split(args, len(splits["train"]))
     class_names = list(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)
     if is_main_process():
         print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
@@ -305,16 +352,11 @@ def main(args: argparse.Namespace) -> dict:
 
     start_epoch, history, best_metric = 0, [], -math.inf
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        restore_state(resume, ckpt_dir / "last.pt", args.opt, model, optimizer, scheduler, scaler, device)
         start_epoch, history, best_metric = resume["epoch"], resume["history"], resume["best_metric"]
         print(f"resuming from {ckpt_dir / 'last.pt'} at epoch {start_epoch + 1}")
+    elif args.overwrite and is_main_process():
+        remove_earlier_run(args.out)
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
 
@@ -338,14 +380,16 @@ def main(args: argparse.Namespace) -> dict:
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
                          history=history, best_metric=best_metric)
+            # last.pt first: a kill before best.pt is written leaves last.pt as the best epoch's
+            # checkpoint, from which load_resume() restores best.pt
+            save_checkpoint(ckpt_dir / "last.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
-            save_checkpoint(ckpt_dir / "last.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
             atomic_write_csv(args.out / "log.csv", history, list(history[0].keys()))
             plot_training_curves(history, key, args.out / "Images" / "training_curves.png")
     train_seconds = time.perf_counter() - started
 
-    best = load_checkpoint(ckpt_dir / "best.pt", task=args.task)
+    best = load_best(args, ckpt_dir / "best.pt", history)
     (model.module if args.distributed else model).load_state_dict(best["model"])
     test = evaluate(model, loaders["test"], device, args.task, class_names, "test", args.channels_last)
     result = {**test, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2)}

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
+import math
 import os
 import random
+import re
 import stat
 import sys
 import tempfile
@@ -42,7 +46,17 @@ class CheckpointError(ToolError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump), exit code 2."""
+    """argparse with a one-line error (no usage dump), exit code 2.
+
+    A value that starts with a minus and a digit (``-1/255``, ``-1e-3``) is taken as a value,
+    never as an option, so the flag's own check can name it. Plain argparse only does that for
+    ``-1`` and ``-0.5`` and otherwise reports "expected at least one argument". No option of
+    these tools starts with a digit.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
@@ -84,7 +98,8 @@ def one_line(err: BaseException) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
 
-    If the body raises, the temporary file is removed and ``path`` keeps its old content.
+    If the body raises, the temporary file is removed and ``path`` keeps its old content. An
+    ``OSError`` (a full disk, a quota, an I/O error) becomes a one-line :class:`ToolError`.
     """
     path = Path(path)
     try:
@@ -103,8 +118,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600 files: give results the usual readable mode (or keep the old one)
         os.chmod(tmp_path, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
         raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -112,6 +129,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_error(path: Path, err: OSError) -> ToolError:
+    """A failed write (disk full, quota, I/O error) as one line that says the old file is kept."""
+    reason = err.strerror or str(err) or type(err).__name__
+    fix = "free some disk space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no partial {path.name} was left"
+    return ToolError(f"cannot write {path} ({reason}); {kept}; {fix} or choose another --out, then rerun")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically, through a Python file object.
+
+    Saving to a file name makes a full disk surface as an opaque ``RuntimeError`` from the zip
+    writer. Through a file object the ``OSError`` (ENOSPC) of the failed write is raised, or
+    chained to the zip writer's ``RuntimeError``; either way :func:`atomic_path` reports it.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as err:
+            cause = _chained_os_error(err)
+            if cause is None:
+                raise
+            raise cause from err
+
+
+def _chained_os_error(err: BaseException | None) -> OSError | None:
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -171,6 +219,125 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
         raise ToolError(f"output folder {path} is not writable ({err.strerror}); "
                         "pass a writable folder with --out") from err
     return path
+
+
+# --------------------------------------------------------------------------- output-folder lock
+LOCK_NAME = ".lock"
+#: Sub-folders the tools write into; stale temporaries are only removed there and in --out itself.
+OUTPUT_SUBFOLDERS = ("checkpoints", "Images", ".sweep_state")
+#: What :func:`atomic_path` names its temporaries: ``.<name>.<8 random characters>.tmp``.
+STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder ``folder`` for the body of the ``with``.
+
+    The lock is an OS file lock (``flock``) on ``<folder>/.lock``, which holds the holder's pid.
+    A second run into the same folder stops at once with a one-line error naming that pid. The
+    OS drops the lock however the process ends (even on SIGKILL); a normal exit also removes
+    the file. Once the lock is held no other run can be writing here, so temporaries left by
+    killed writes are removed.
+    """
+    folder = check_writable_dir(folder)
+    lock_path = folder / LOCK_NAME
+    fd = _acquire_lock(lock_path)
+    try:
+        remove_stale_temps(folder)
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()  # while still locked: a waiting opener sees the inode change
+        os.close(fd)
+
+
+def _acquire_lock(path: Path) -> int:
+    """Open and ``flock`` ``path``; retry if the holder removed it between our open and lock."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ToolError(f"output folder {path.parent} is not writable ({err.strerror}); "
+                            "pass a writable folder with --out") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ToolError(f"output folder {path.parent} is in use by another run (pid {holder}); "
+                                "wait for it to finish or choose another --out") from None
+            raise ToolError(f"cannot lock output folder {path.parent} ({err.strerror}); "
+                            "choose an --out on a local disk") from err
+        if _is_same_file(fd, path):
+            with contextlib.suppress(OSError):  # the pid is only for the message
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid written into a lock file by its holder ("unknown" if it has not written it yet)."""
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+def _is_same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temporaries of interrupted atomic writes in ``folder`` and its output sub-folders.
+
+    Only call this while holding :func:`output_lock`: a live writer's temporary looks the same.
+    """
+    removed = []
+    for where in (folder, *(folder / name for name in OUTPUT_SUBFOLDERS)):
+        if not where.is_dir() or where.is_symlink():
+            continue
+        for entry in os.scandir(where):
+            if STALE_TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+# --------------------------------------------------------------------------- flag checks
+SEED_MAX = 2**32 - 1
+
+
+def check_number(flag: str, value: float | None, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A usage error unless ``value`` is None or a finite number within the given bounds."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if math.isfinite(value) and not too_low and not too_high:
+        return
+    if low is not None and high is not None:
+        bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        bounds = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        bounds = ""
+    raise UsageError(f"{flag} must be a finite number{bounds}, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    """Seeds reach numpy (32 bits) and torch (64 bits, after ``seed * 1000 + epoch``)."""
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must be an integer in [0, {SEED_MAX}] (2**32 - 1), got {seed}")
 
 
 # --------------------------------------------------------------------------- devices, seeds

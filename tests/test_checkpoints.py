@@ -1,11 +1,12 @@
 """Checkpoints: round trip, atomic writes, and every way a checkpoint can be bad."""
+import errno
 import os
 import pytest
 import torch
 
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import build_model
-from utils import CheckpointError, atomic_write_text
+from utils import CheckpointError, ToolError, atomic_write_text
 
 CLASSES = ["Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil"]
 
@@ -110,12 +111,11 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = file_sha256(path)
 
     def boom(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ToolError, match="No space left on device.*previous last.pt is kept"):
         _save(path, depth=34)
     assert file_sha256(path) == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
@@ -129,7 +129,7 @@ def test_atomic_text_write_failure_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("simulated crash before rename")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(ToolError, match="simulated crash before rename"):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

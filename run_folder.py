@@ -1,0 +1,154 @@
+"""A training run's output folder: earlier runs, ``--overwrite``, ``--resume`` and this run's best.pt.
+
+train.py never tests, resumes or silently replaces checkpoints it did not write: a fresh run
+refuses a folder that holds checkpoints unless ``--overwrite`` is given, ``--resume`` refuses a
+``last.pt`` made with other numbers-changing flags, and the final test loads ``best.pt`` only if
+it holds the best epoch of this run's own history.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from checkpoint import load_checkpoint, load_weights, validate_resume_state
+from utils import CheckpointError, ToolError, atomic_path, is_main_process, primary_metric
+
+#: Flags that change a run's numbers: --resume refuses to continue a run with any of them changed.
+RESUME_FLAGS = ("opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights", "label_smoothing",
+                "dice_weight", "seed", "data", "val_data", "test_data", "limit", "skip_missing_masks", "amp")
+#: A state-dict key that only the optimizer of each --opt has.
+OPTIMIZER_MARK = {"adamw": "betas", "sgd": "momentum"}
+#: What a training run writes into --out; --overwrite removes an earlier run's copies.
+RUN_FILES = ("checkpoints/best.pt", "checkpoints/last.pt", "log.csv", "metrics.json", "Images/training_curves.png")
+
+
+def refuse_earlier_run(out: Path) -> None:
+    """A fresh run never silently replaces the checkpoints of an earlier one."""
+    found = [name for name in ("best.pt", "last.pt") if (out / "checkpoints" / name).exists()]
+    if found:
+        raise ToolError(f"{out} already holds checkpoints of an earlier run ({', '.join(found)}); pass --resume "
+                        "to continue it, --overwrite to replace it, or choose another --out")
+
+
+def remove_earlier_run(out: Path) -> None:
+    """--overwrite: remove the earlier run's files, so none of them is mistaken for this run's."""
+    removed = [name for name in RUN_FILES if (out / name).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    if removed:
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
+
+
+def _shown(flag: str, value: Any) -> str:
+    name = "--" + flag.replace("_", "-")
+    if value is None or value is False:
+        return f"no {name}"
+    return name if value is True else f"{name} {value}"
+
+
+def load_resume(args: argparse.Namespace, ckpt_dir: Path) -> dict:
+    """``last.pt``, checked to hold a resumable state made with the same numbers-changing flags."""
+    path = ckpt_dir / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: no epoch of a run in {args.out} finished, so there "
+                              "is nothing to resume; drop --resume to start afresh"
+                              + (" with --overwrite" if (ckpt_dir / "best.pt").exists() else ""))
+    ckpt = load_checkpoint(path, task=args.task, depth=args.depth, image_size=args.image_size)
+    validate_resume_state(path, ckpt)
+    recorded = ckpt["args"]
+    for flag in RESUME_FLAGS:
+        if flag in recorded and recorded[flag] != getattr(args, flag):
+            raise CheckpointError(f"{path} was trained with {_shown(flag, recorded[flag])} but this run has "
+                                  f"{_shown(flag, getattr(args, flag))}; resume with the same flags, or start "
+                                  "afresh with --overwrite or another --out")
+    for name in ("mean", "std"):
+        given = getattr(args, name)
+        if given is not None and [float(v) for v in given] != ckpt[name]:
+            raise CheckpointError(f"{path} was trained with --{name} {ckpt[name]} but this run has --{name} "
+                                  f"{given}; drop --{name} to resume (the checkpoint's is used)")
+    if is_main_process():
+        restore_best(ckpt_dir, ckpt)
+    return ckpt
+
+
+def restore_best(ckpt_dir: Path, last: dict) -> None:
+    """Make sure best.pt holds the best epoch recorded in last.pt before training goes on.
+
+    A kill between writing last.pt and best.pt of an improved epoch leaves best.pt one
+    improvement behind; last.pt is then exactly that epoch's best checkpoint, so it is copied.
+    """
+    key = primary_metric(last["task"])
+    row = best_row(last["history"], key)
+    if row is None:
+        return
+    best = ckpt_dir / "best.pt"
+    try:
+        found = load_checkpoint(best, task=last["task"]) if best.exists() else None
+    except CheckpointError:
+        found = None
+    if found is not None and holds_row(found, row, key):
+        return
+    if row["epoch"] != last["epoch"]:
+        raise CheckpointError(f"{best} does not hold this run's best epoch {row['epoch']} (it is missing, "
+                              "unreadable or from another run); start afresh with --overwrite or another --out")
+    with atomic_path(best) as tmp:
+        shutil.copyfile(ckpt_dir / "last.pt", tmp)
+
+
+def restore_state(resume: dict, path: Path, opt: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: Any, scaler: torch.amp.GradScaler | None, device: torch.device) -> None:
+    """Load weights, optimizer, scheduler, scaler and RNG state from ``resume`` (one-line errors)."""
+    load_weights(model, resume)
+    if any(OPTIMIZER_MARK[opt] not in group for group in resume["optimizer"]["param_groups"]):
+        raise CheckpointError(f"{path} holds the state of another optimizer than --opt {opt}; "
+                              "resume with the --opt it was trained with")
+    try:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path} holds an optimizer or scheduler state that does not fit this model "
+                              f"({str(err).splitlines()[0][:100]}); start afresh with --overwrite") from err
+    for param, state in optimizer.state.items():
+        if any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != param.shape for v in state.values()):
+            raise CheckpointError(f"{path} holds an optimizer state whose shapes do not fit the model; "
+                                  "start afresh with --overwrite")
+    torch.set_rng_state(resume["rng"]["torch"])
+    if device.type == "cuda" and resume["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(resume["rng"]["cuda"][:torch.cuda.device_count()])
+
+
+def best_row(history: list[dict], key: str) -> dict | None:
+    """The history row of the epoch that wrote best.pt: the first with the highest finite ``val_<key>``."""
+    best, chosen = -math.inf, None
+    for row in history:
+        value = row[f"val_{key}"]
+        if value is not None and not math.isnan(value) and value > best:
+            best, chosen = value, row
+    return chosen
+
+
+def holds_row(ckpt: dict, row: dict, key: str) -> bool:
+    """Whether checkpoint ``ckpt`` was written at the epoch of history ``row``, with its metric."""
+    return ckpt["epoch"] == row["epoch"] and ckpt["metrics"].get(key) == row[f"val_{key}"]
+
+
+def load_best(args: argparse.Namespace, path: Path, history: list[dict]) -> dict:
+    """This run's best.pt, and only that: never a best.pt left by another run."""
+    key = primary_metric(args.task)
+    row = best_row(history, key)
+    if row is None:
+        raise ToolError(f"no epoch gave a finite validation {key} (see {args.out / 'log.csv'}), so there is no "
+                        "best.pt to test; check the validation split (--val-data, --limit) or lower --lr")
+    best = load_checkpoint(path, task=args.task, depth=args.depth, image_size=args.image_size)
+    if not holds_row(best, row, key):
+        raise CheckpointError(f"{path} holds epoch {best['epoch']}, not this run's best epoch {row['epoch']}: it "
+                              "was not written by this run; retrain with --overwrite")
+    return best
