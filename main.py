@@ -24,6 +24,7 @@ from torch import nn
 from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from checks import CheckSettings, run_checks
+from compare import compare, load_runs
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown
 from dataset import CLASS_NAMES, build_splits
 from engine import Engine
@@ -84,6 +85,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="GiB a split may take in memory (uint8); larger splits are read from disk")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="skip the gradient-masking checklist")
     parser.add_argument("--check-limit", type=int, default=64, help="samples the checklist runs on (stratified)")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+                        help="compare finished sweeps: write compare.png and compare.md into --out "
+                             "(default Comparison/) and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -281,7 +285,19 @@ def run_checklist(args: argparse.Namespace, ckpt: Mapping, model: nn.Module, eng
                                  sweep_state=outcomes if not args.targeted else None, on_line=print))
 
 
-def main(args: argparse.Namespace) -> Report:
+def compare_runs(args: argparse.Namespace) -> list:
+    """``--compare``: no sweep, only the side-by-side figure and table of finished ones."""
+    runs = load_runs(args.compare)  # usage errors come before --out is created
+    out = Path(args.out or "Comparison")
+    with output_lock(out):
+        compare(args.compare, out)
+    print(f"compared {', '.join(run.name for run in runs)}; wrote {out / 'compare.png'} and {out / 'compare.md'}")
+    return runs
+
+
+def main(args: argparse.Namespace) -> Report | list:
+    if args.compare:
+        return compare_runs(args)
     validate_args(args)
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
     args.checkpoint = Path(args.checkpoint or args.out / "checkpoints" / "best.pt")

@@ -1,0 +1,129 @@
+"""Compare finished sweeps side by side: ``python main.py --compare DIR1 DIR2 ...``.
+
+Reads each folder's ``results.csv`` and writes ``compare.png`` (every run's robustness curve,
+one panel per split, the legend taken from the folder names) and ``compare.md`` (the metric of
+every run at every eps). A run that swept several attacks is shown by its ``worst`` rows.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from utils import UsageError, atomic_savefig, atomic_write_text  # noqa: E402
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+class Run:
+    """One finished sweep: its name, task, norm and shown rows (worst case, else its attack)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.name = folder, folder.resolve().name
+        with open(folder / "results.csv", newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        columns = rows[0].keys() if rows else ()
+        self.task = "classification" if "accuracy" in columns else "segmentation" if "dice_mean" in columns else None
+        self.key = "accuracy" if self.task == "classification" else "dice_mean"
+        attacks = list(dict.fromkeys(row["attack"] for row in rows))
+        self.shown = "worst" if "worst" in attacks else (attacks[0] if attacks else "")
+        self.attacks = [a for a in attacks if a != "worst"]
+        self.norm = "L2" if rows and all(row.get("eps_255") in ("", None) for row in rows) else "Linf"
+        self.rows = [row for row in rows if row["attack"] == self.shown]
+
+    @property
+    def label(self) -> str:
+        return self.name if len(self.attacks) <= 1 else f"{self.name} (worst of {', '.join(self.attacks)})"
+
+    def series(self, split: str) -> dict[float, float | None]:
+        return {float(row["eps"]): _number(row.get(self.key)) for row in self.rows if row["split"] == split}
+
+    @property
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(row["split"] for row in self.rows))
+
+
+def load_runs(folders: Sequence[str]) -> list[Run]:
+    """The runs of ``--compare``; folders without results or of different tasks are usage errors."""
+    paths = [Path(folder) for folder in folders]
+    missing = [str(path) for path in paths if not (path / "results.csv").is_file()]
+    if missing:
+        raise UsageError(f"--compare: no results.csv in {', '.join(missing)}; give folders of finished main.py sweeps")
+    runs = [Run(path) for path in paths]
+    unknown = [str(run.folder) for run in runs if run.task is None]
+    if unknown:
+        raise UsageError(f"--compare: {', '.join(unknown)} hold a results.csv without accuracy or dice_mean "
+                         "columns; give folders of finished main.py sweeps")
+    tasks = {run.task for run in runs}
+    if len(tasks) > 1:
+        by_task = "; ".join(f"{run.folder}: {run.task}" for run in runs)
+        raise UsageError(f"--compare needs runs of one task, got {by_task}")
+    norms = {run.norm for run in runs}
+    if len(norms) > 1:
+        raise UsageError("--compare needs runs of one norm (L-inf or L2), got both")
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):
+        for run in runs:
+            run.name = str(run.folder)
+    return runs
+
+
+def _eps_text(eps: float, norm: str) -> str:
+    return f"{eps * 255:.3g}/255" if norm == "Linf" else f"{eps:.3g}"
+
+
+def plot_comparison(runs: Sequence[Run], path: Path) -> None:
+    splits = list(dict.fromkeys(split for run in runs for split in run.splits))
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), squeeze=False)
+    scale = 255 if runs[0].norm == "Linf" else 1
+    for ax, split in zip(axes[0], splits):
+        for run in runs:
+            points = sorted((eps, value) for eps, value in run.series(split).items() if value is not None)
+            ax.plot([e * scale for e, _ in points], [v for _, v in points], marker="o", label=run.label)
+        positive = [e * scale for run in runs for e in run.series(split) if e > 0]
+        if positive and max(positive) / min(positive) > 20:
+            ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set(title=split, xlabel="eps (x/255, L-inf)" if scale == 255 else "eps (L2)", ylabel=runs[0].key,
+               ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def comparison_markdown(runs: Sequence[Run]) -> str:
+    norm, key = runs[0].norm, runs[0].key
+    parts = [f"# Comparison: {key} against eps", "",
+             "Each run shows its worst case over its attacks (or its only attack):", ""]
+    parts += [f"- **{run.name}**: {', '.join(run.attacks)} (`{run.folder}`)" for run in runs]
+    for split in dict.fromkeys(split for run in runs for split in run.splits):
+        series = [run.series(split) for run in runs]
+        eps_values = sorted({eps for one in series for eps in one})
+        header = ["eps", *[run.name for run in runs]]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for eps in eps_values:
+            cells = ["n/a" if one.get(eps) is None else f"{one[eps]:.4f}" for one in series]
+            lines.append("| " + " | ".join([_eps_text(eps, norm), *cells]) + " |")
+        parts += ["", f"## {split}", "", *lines]
+    return "\n".join(parts) + "\n"
+
+
+def compare(folders: Sequence[str], out: Path) -> list[Run]:
+    """Write ``compare.png`` and ``compare.md`` for the runs in ``folders`` into ``out``."""
+    runs = load_runs(folders)
+    plot_comparison(runs, out / "compare.png")
+    atomic_write_text(out / "compare.md", comparison_markdown(runs))
+    return runs

@@ -1,0 +1,52 @@
+"""main.py --compare: finished sweeps side by side."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+import main as sweep_cli
+from test_cli_errors import _assert_one_error_line, _run
+
+FIELDS = ["split", "attack", "eps", "eps_255", "n", "accuracy", "dice_mean"]
+
+
+def write_run(folder, key, values, attacks=("pgd",)):
+    folder.mkdir(parents=True)
+    with open(folder / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["split", "attack", "eps", "eps_255", "n", key])
+        writer.writeheader()
+        for split in ("val", "test"):
+            for i, eps in enumerate((0, 4, 8)):
+                for j, attack in enumerate(attacks):
+                    writer.writerow({"split": split, "attack": attack, "eps": eps / 255, "eps_255": eps, "n": 10,
+                                     key: values[i] - 0.01 * j})
+    return folder
+
+
+def test_compare_writes_a_figure_and_a_side_by_side_table(tmp_path, capsys):
+    standard = write_run(tmp_path / "standard", "accuracy", [0.95, 0.40, 0.10])
+    robust = write_run(tmp_path / "pgd-at", "accuracy", [0.90, 0.80, 0.60], attacks=("pgd", "apgd", "worst"))
+    out = tmp_path / "cmp"
+    rc, lines = _run(sweep_cli, ["--compare", str(standard), str(robust), "--out", str(out)], capsys)
+    assert rc == 0, lines
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "compare.md").read_text()
+    assert "| eps | standard | pgd-at |" in table
+    assert "| 8/255 | 0.1000 | 0.5800 |" in table, "a run with several attacks is shown by its worst rows"
+    assert "worst of pgd, apgd" not in table and "pgd, apgd" in table
+
+
+@pytest.mark.parametrize("case", ["missing", "tasks"])
+def test_compare_refuses_folders_without_results_or_of_other_tasks(tmp_path, capsys, case):
+    first = write_run(tmp_path / "a", "accuracy", [0.9, 0.5, 0.1])
+    if case == "missing":
+        second, fragment = tmp_path / "empty", f"no results.csv in {tmp_path / 'empty'}"
+        second.mkdir()
+    else:
+        second, fragment = write_run(tmp_path / "b", "dice_mean", [0.9, 0.8, 0.7]), "needs runs of one task"
+    out = tmp_path / "cmp"
+    rc, lines = _run(sweep_cli, ["--compare", str(first), str(second), "--out", str(out)], capsys)
+    assert rc == 2
+    _assert_one_error_line(lines, fragment)
+    assert not out.exists()
