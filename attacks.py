@@ -67,8 +67,9 @@ class CleverhansAttack:
 
 
 # --------------------------------------------------------------------------- the PGD family
-#: Pixel losses of the PGD family: plain cross-entropy, SegPGD's and CosPGD's weightings.
-LOSSES = ("ce", "segpgd", "cospgd")
+#: Losses of the PGD family: plain cross-entropy, SegPGD's and CosPGD's weightings, and
+#: TRADES' KL divergence from reference probabilities (its ``goals``).
+LOSSES = ("ce", "segpgd", "cospgd", "kl")
 #: torchattacks adds this to the L2 norm of the gradient before dividing by it.
 L2_DIVISION_EPS = 1e-10
 
@@ -115,6 +116,8 @@ def pgd_loss(logits: torch.Tensor, goals: torch.Tensor, spec: PGDSpec,
     attacks ascend the negative loss towards ``goals``.
     """
     logits = logits.float()
+    if spec.loss == "kl":  # goals: the clean prediction's probabilities (N, C)
+        return F.kl_div(F.log_softmax(logits, dim=1), goals, reduction="none").sum(1)
     pixel_ce = F.cross_entropy(logits, goals, reduction="none")
     if spec.loss == "segpgd":
         loss = _segpgd_per_image(logits, goals, pixel_ce, spec, iteration)
@@ -181,6 +184,26 @@ class PGDFamily(torchattacks.attack.Attack):
             loss = pgd_loss(self.get_logits(adv), goals, spec, iteration).sum()
             grad = torch.autograd.grad(loss, adv)[0]
             adv = pgd_step(adv, images, grad, spec)
+        return adv
+
+
+class TRADES(PGDFamily):
+    """TRADES' inner maximisation (Zhang et al., ICML 2019): ascend KL(f(x) || f(x')) from
+    x + 0.001 * N(0, 1), with L-inf sign steps, as the reference code does."""
+
+    def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int) -> None:
+        super().__init__("TRADES", model, eps=eps, alpha=alpha, steps=steps, loss="kl")
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        spec = self.spec()
+        images = images.clone().detach().to(self.device)
+        with torch.no_grad():
+            clean = F.softmax(self.get_logits(images).float(), dim=1)
+        adv = images + 0.001 * torch.randn_like(images)
+        for iteration in range(spec.steps):
+            adv.requires_grad_(True)
+            loss = pgd_loss(self.get_logits(adv), clean, spec, iteration).sum()
+            adv = pgd_step(adv, images, torch.autograd.grad(loss, adv)[0], spec)
         return adv
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from attacks import PGDSpec, build_attack, random_start_delta
 from dataset import stratified_subset
-from engine import Engine, Finished, forward, per_sample_noise, predict, run_attack
+from engine import Engine, forward, per_sample_noise, predict, predictions_under_attack
 from splitdata import SplitSource, SubsetSplit
 from utils import compute_metrics, per_image_confusion, primary_metric
 
@@ -114,20 +114,15 @@ class _Subset:
         alpha = s.alpha if s.alpha is not None else 2.5 * eps / steps
         atk = build_attack(name, self.model, eps, steps=steps, alpha=alpha, num_classes=len(s.class_names),
                            random_start=s.random_start if random_start is None else random_start, seed=s.seed)
-        pred = self.clean_pred.clone()
         chosen = torch.ones(len(self.source), dtype=torch.bool) if only is None else only
         if self.classification:
-            todo = torch.nonzero(chosen & (self.clean_pred == self.labels)).flatten()
-            fooled = lambda p, targets, goals: p != targets  # noqa: E731
-        else:
-            todo, fooled = torch.nonzero(chosen).flatten(), None
-
-        def emit(done: Finished) -> None:
-            pred[done.index] = done.pred.cpu().to(pred.dtype)
-
+            chosen = chosen & (self.clean_pred == self.labels)
+        todo = torch.nonzero(chosen).flatten()
         torch.manual_seed(s.seed)
-        run_attack(self.model, self.source, todo, atk, self.engine, goal_fn=lambda t: t, emit=emit,
-                   fooled_fn=fooled, noise_fn=per_sample_noise(s.seed, f"check{tag}/{self.split}", name))
+        pred = self.clean_pred.clone()
+        pred[todo] = predictions_under_attack(
+            self.model, self.source, todo, atk, self.engine, classification=self.classification,
+            noise_fn=per_sample_noise(s.seed, f"check{tag}/{self.split}", name)).to(pred.dtype)
         return pred
 
     def noise_pred(self, eps: float) -> torch.Tensor:

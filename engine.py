@@ -241,3 +241,19 @@ def _run_fast(model, source, index, spec, engine, goal_fn, emit, fooled_fn, nois
             flush()
 
 
+
+
+def predictions_under_attack(model: nn.Module, source: SplitSource, index: torch.Tensor, atk: Attack,
+                             engine: Engine, *, classification: bool, noise_fn: Noise | None = None) -> torch.Tensor:
+    """The counted predictions (CPU, in the order of ``index``) after an untargeted attack;
+    a classification sample stops at the first iterate that fools it."""
+    preds: dict[int, torch.Tensor] = {}
+
+    def emit(done: Finished) -> None:
+        for position, i in enumerate(done.index.tolist()):
+            preds[i] = done.pred[position].cpu()
+
+    fooled = (lambda pred, targets, goals: pred != targets) if classification else None
+    run_attack(model, source, index, atk, engine, goal_fn=lambda targets: targets, emit=emit, fooled_fn=fooled,
+               noise_fn=noise_fn)
+    return torch.stack([preds[i] for i in index.tolist()]) if len(index) else torch.empty(0, dtype=torch.long)
