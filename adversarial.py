@@ -1,0 +1,158 @@
+"""Adversarial training for train.py: PGD-AT and TRADES, and the robust validation metric.
+
+* PGD-AT (Madry et al., ICLR 2018) trains on adversarial examples of the current model, made by
+  the registry's ``pgd`` (or ``segpgd`` for segmentation, ``--adv-attack``) with a random start.
+* TRADES (Zhang et al., ICML 2019) minimises CE(f(x), y) + beta * KL(f(x) || f(x')), where x'
+  maximises the KL term (``attacks.TRADES``); classification only.
+
+Both inner attacks come from attacks.py and run in eval mode on the unwrapped model (as the
+TRADES reference does, and so that DistributedDataParallel sees one forward per step); the
+training forward then sees the clean and adversarial images in one batch. eps ramps up
+linearly from 0 over ``--adv-warmup-epochs``.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks import TRADES, build_attack
+from dataset import stratified_subset
+from engine import Engine, predict, predictions_under_attack
+from splitdata import SplitSource, SubsetSplit
+from utils import UsageError, check_number, compute_metrics, confusion_matrix, parse_fraction, primary_metric
+
+ADV_KINDS = ("none", "pgd", "trades")
+ROBUST_VAL_STEPS = 10
+
+
+@dataclass(frozen=True)
+class AdvSettings:
+    """``--adv`` and its companions."""
+
+    kind: str = "none"
+    eps: float = 4 / 255
+    steps: int = 7
+    alpha: float | None = None
+    warmup_epochs: int = 0
+    beta: float = 6.0
+    attack: str = "pgd"
+    val_limit: int = 64
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+    def eps_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        """eps at a training step: a linear ramp from 0 over the warm-up epochs, then ``eps``."""
+        if self.warmup_epochs <= 0:
+            return self.eps
+        done = (epoch * steps_per_epoch + step + 1) / (self.warmup_epochs * steps_per_epoch)
+        return self.eps * min(1.0, done)
+
+    def alpha_for(self, eps: float) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * eps / self.steps
+
+
+def add_adversarial_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("adversarial training")
+    group.add_argument("--adv", default="none", choices=ADV_KINDS, help="none, pgd (PGD-AT) or trades")
+    group.add_argument("--adv-eps", default="4/255", help="L-inf training budget in [0, 1], e.g. 4/255")
+    group.add_argument("--adv-steps", default=7, type=int, help="inner attack steps")
+    group.add_argument("--adv-alpha", default=None, type=float, help="inner step size; default 2.5*eps/steps")
+    group.add_argument("--adv-warmup-epochs", default=0, type=int, help="epochs over which eps ramps up from 0")
+    group.add_argument("--adv-attack", default="pgd", choices=["pgd", "segpgd"],
+                       help="inner attack of PGD-AT (segpgd: segmentation only)")
+    group.add_argument("--trades-beta", default=6.0, type=float, help="weight of TRADES' KL term")
+    group.add_argument("--adv-val-limit", default=64, type=int,
+                       help="validation samples of the per-epoch robust check (PGD-10 at --adv-eps)")
+
+
+def adversarial_settings(args: argparse.Namespace) -> AdvSettings:
+    """Validate the adversarial flags (one-line usage errors) and bundle them."""
+    try:
+        eps = parse_fraction(str(args.adv_eps))
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--adv-eps {args.adv_eps!r} is not a number; write e.g. 4/255") from None
+    check_number("--adv-eps", eps, low=0, high=1)
+    if args.adv_steps < 1:
+        raise UsageError(f"--adv-steps must be at least 1, got {args.adv_steps}")
+    check_number("--adv-alpha", args.adv_alpha, low=0, low_open=True)
+    check_number("--trades-beta", args.trades_beta, low=0)
+    if args.adv_warmup_epochs < 0:
+        raise UsageError(f"--adv-warmup-epochs must be 0 or more, got {args.adv_warmup_epochs}")
+    if args.adv_val_limit < 1:
+        raise UsageError(f"--adv-val-limit must be at least 1, got {args.adv_val_limit}")
+    if args.adv == "trades" and args.task == "segmentation":
+        raise UsageError("--adv trades is a classification method; use --adv pgd for segmentation")
+    if args.adv_attack == "segpgd" and args.task != "segmentation":
+        raise UsageError("--adv-attack segpgd needs --task segmentation; classification uses pgd")
+    return AdvSettings(kind=args.adv, eps=eps, steps=args.adv_steps, alpha=args.adv_alpha,
+                       warmup_epochs=args.adv_warmup_epochs, beta=args.trades_beta, attack=args.adv_attack,
+                       val_limit=args.adv_val_limit)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def adversarial_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, settings: AdvSettings,
+                      eps: float, num_classes: int) -> torch.Tensor:
+    """PGD-AT's training images: the inner attack's adversarials of the current model."""
+    if eps <= 0:
+        return images
+    atk = build_attack(settings.attack, unwrap(model), eps, steps=settings.steps, alpha=settings.alpha_for(eps),
+                       random_start=True, num_classes=num_classes)
+    return atk(images, targets).detach().contiguous(memory_format=_memory_format(images))
+
+
+def trades_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, settings: AdvSettings,
+                eps: float, criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRADES: CE on clean images + beta * KL(clean || adversarial); returns (loss, clean logits)."""
+    adv = images
+    if eps > 0:
+        atk = TRADES(unwrap(model), eps=eps, alpha=settings.alpha_for(eps), steps=settings.steps)
+        adv = atk(images).detach().contiguous(memory_format=_memory_format(images))
+    logits, adv_logits = model(torch.cat([images, adv])).float().chunk(2)
+    robust = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return criterion(logits, targets) + settings.beta * robust, logits
+
+
+def _memory_format(images: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def robust_subset(source: SplitSource, limit: int, seed: int) -> SplitSource:
+    """The stratified validation subset of the per-epoch robust check."""
+    return SubsetSplit(source, stratified_subset(range(len(source)), source.labels, limit, seed))
+
+
+def robust_metrics(model: nn.Module, source: SplitSource, task: str, class_names: list[str], eps: float,
+                   device: torch.device, batch_size: int = 32) -> dict:
+    """Metrics under PGD-10 (alpha = 2.5*eps/10, no random start) at ``eps``, counted as the
+    sweep counts them: fp32 predictions, a classification sample wrong once fooled."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    engine = Engine(device=device, batch_size=batch_size)
+    targets, clean = [], []
+    for chunk in torch.arange(len(source)).split(batch_size):
+        images, target = source.batch(chunk, device)
+        targets.append(target.cpu())
+        clean.append(predict(model, images).cpu())
+    targets, pred = torch.cat(targets), torch.cat(clean)
+    classification = task == "classification"
+    todo = torch.nonzero(pred == targets).flatten() if classification else torch.arange(len(source))
+    if eps > 0 and len(todo):
+        atk = build_attack("pgd", model, eps, steps=ROBUST_VAL_STEPS, alpha=2.5 * eps / ROBUST_VAL_STEPS,
+                           num_classes=len(class_names))
+        pred[todo] = predictions_under_attack(model, source, todo, atk, engine, classification=classification)
+    model.train(was_training)
+    return compute_metrics(task, confusion_matrix(targets, pred, len(class_names)), class_names)
+
+
+def robust_key(task: str) -> str:
+    return f"val_robust_{primary_metric(task)}"
