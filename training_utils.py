@@ -1,0 +1,137 @@
+"""train.py's helpers: normalisation statistics, losses, optimizer and schedule, seeding,
+the training-curves figure and the one-line metric summary."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dataset
+from utils import atomic_savefig
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the hardware has it, fp16 on older GPUs, None when AMP is off/unsupported."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    bf16_cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    if "AVX512" in bf16_cpu.upper() or "AMX" in bf16_cpu.upper():
+        return torch.bfloat16
+    print("note: --amp ignored: this CPU has no fast bf16 support; training in fp32")
+    return None
+
+
+def channel_stats(train_ds: Any, task: str, image_size: int,
+                  max_images: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of (up to ``max_images``, evenly spaced) un-augmented training images."""
+    plain = type(train_ds)(train_ds.samples, dataset.build_transform(task, image_size, train=False))
+    step = max(1, len(plain) // max_images)
+    total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for index in range(0, len(plain), step):
+        pixels = plain[index][0].double().reshape(3, -1)
+        total += pixels.sum(1)
+        total_sq += (pixels ** 2).sum(1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def class_weights(args: argparse.Namespace, train_ds: Any, num_classes: int) -> torch.Tensor | None:
+    """Inverse-frequency weights (mean 1) from image labels or, for segmentation, pixel counts."""
+    if not args.class_weights:
+        return None
+    if args.task == "classification":
+        counts = torch.bincount(torch.tensor(train_ds.labels), minlength=num_classes).double()
+    else:
+        counts = torch.zeros(num_classes, dtype=torch.float64)
+        for index in range(len(train_ds)):
+            counts += torch.bincount(train_ds[index][1].reshape(-1), minlength=num_classes).double()
+    weights = counts.sum() / counts.clamp_min(1) / num_classes
+    return (weights / weights.mean()).float()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes (batch-level sums)."""
+    probs = logits.float().softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return 1 - dice[1:].mean()
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up then cosine decay to zero."""
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def seed_epoch(args: argparse.Namespace, epoch: int, loader: torch.utils.data.DataLoader) -> None:
+    """Make epoch ``epoch``'s randomness a function of (seed, epoch) only, so --resume is exact."""
+    epoch_seed = args.seed * 1000 + epoch
+    torch.manual_seed(epoch_seed)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    loader.dataset.reseed(epoch_seed)
+
+
+def plot_training_curves(history: list[dict], key: str, path: Path) -> None:
+    """Training loss and the validation metric per epoch, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_metric.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", color="tab:green")
+    ax_metric.set(xlabel="epoch", ylabel=f"validation {key}", title=f"Validation {key}", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def summary_line(task: str, metrics: dict) -> str:
+    keys = (["accuracy", "balanced_accuracy"] if task == "classification"
+            else ["pixel_accuracy", "dice_cytoplasm", "dice_nucleus", "dice_mean"])
+    return "  ".join(f"{key} {metrics[key]:.4f}" for key in keys)
