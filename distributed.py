@@ -7,16 +7,19 @@ device (CUDA tensors for NCCL, CPU tensors for gloo).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
 import os
-from collections.abc import Callable
+import re
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
-from utils import UsageError, resolve_device
+from utils import ToolError, UsageError, resolve_device
 
 #: How long a collective may wait for a slow rank before failing (shards of a sweep can be
 #: uneven: early stop makes some samples cheap). A rank that dies is noticed by torchrun,
@@ -78,6 +81,15 @@ class Dist:
         if self.active:
             torch_dist.barrier()
 
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Overwrite ``tensor`` in place with rank ``src``'s copy."""
+        if not self.active:
+            return
+        work = tensor.to(self._backend_device())
+        torch_dist.broadcast(work, src)
+        if work is not tensor:
+            tensor.copy_(work)
+
 
 def init_distributed(device_name: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
     """Join the torchrun process group (if any) and pick this rank's device.
@@ -107,6 +119,47 @@ def shutdown(dist: Dist) -> None:
     """Leave the process group (also after an error, so no rank is left waiting on this one)."""
     if dist.active and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+class PeerStopped(ToolError):
+    """This rank stopped because another rank of the job failed, hung or was stopped."""
+
+
+def _is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because a peer went away (NCCL/c10d errors, gloo's "Connection
+    closed by peer" or timeouts, raised as plain RuntimeErrors from gloo's sources)."""
+    return isinstance(err, torch_dist.DistError) or (isinstance(err, RuntimeError) and "/gloo/" in str(err))
+
+
+def _stopped_by_signal(signum: int, _frame: Any) -> None:
+    raise PeerStopped(f"stopped by signal {signal.Signals(signum).name}: torchrun ends every process of the job "
+                      "when one fails; the failing process's error is printed above")
+
+
+@contextlib.contextmanager
+def stop_together(dist: Dist) -> Iterator[None]:
+    """Under torchrun, end this rank with a one-line error when another rank fails.
+
+    When one rank fails, the others see either a failed collective (its peer closed the
+    connection, or the process-group timeout passed) or torchrun's SIGTERM. Both become a
+    :class:`PeerStopped` naming the cause, instead of a traceback. Wrap everything up to and
+    including :func:`shutdown`, so that a SIGTERM while leaving the group is reported too. A
+    single process is unchanged.
+    """
+    if not dist.active:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stopped_by_signal)
+    try:
+        yield
+    except Exception as err:
+        if not _is_peer_failure(err):
+            raise
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(err).split())).split(". ")[0][:120]
+        raise PeerStopped(f"process {dist.rank} stopped because another process of this torchrun job failed or "
+                          f"hung ({cause}); its error is printed above") from err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def setup_for_distributed(is_main: bool) -> Callable[[], None]:
