@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from checkpoint import load_checkpoint, load_weights, validate_resume_state
-from utils import CheckpointError, ToolError, atomic_path, is_main_process, primary_metric
+from utils import CheckpointError, ToolError, atomic_path, primary_metric
 
 #: Flags that change a run's numbers: --resume refuses to continue a run with any of them changed.
 RESUME_FLAGS = ("opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights", "label_smoothing",
-                "dice_weight", "seed", "data", "val_data", "test_data", "limit", "skip_missing_masks", "amp")
+                "dice_weight", "seed", "data", "val_data", "test_data", "limit", "skip_missing_masks", "amp",
+                "sync_bn")
 #: A state-dict key that only the optimizer of each --opt has.
 OPTIMIZER_MARK = {"adamw": "betas", "sgd": "momentum"}
 #: What a training run writes into --out; --overwrite removes an earlier run's copies.
@@ -52,8 +53,9 @@ def _shown(flag: str, value: Any) -> str:
     return name if value is True else f"{name} {value}"
 
 
-def load_resume(args: argparse.Namespace, ckpt_dir: Path) -> dict:
-    """``last.pt``, checked to hold a resumable state made with the same numbers-changing flags."""
+def load_resume(args: argparse.Namespace, ckpt_dir: Path, main_process: bool = True) -> dict:
+    """``last.pt``, checked to hold a resumable state made with the same numbers-changing flags
+    and number of processes; the main process also makes sure best.pt holds the best epoch."""
     path = ckpt_dir / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: no epoch of a run in {args.out} finished, so there "
@@ -67,14 +69,24 @@ def load_resume(args: argparse.Namespace, ckpt_dir: Path) -> dict:
             raise CheckpointError(f"{path} was trained with {_shown(flag, recorded[flag])} but this run has "
                                   f"{_shown(flag, getattr(args, flag))}; resume with the same flags, or start "
                                   "afresh with --overwrite or another --out")
+    check_world_size(path, recorded.get("world_size", 1), getattr(args, "world_size", 1))
     for name in ("mean", "std"):
         given = getattr(args, name)
         if given is not None and [float(v) for v in given] != ckpt[name]:
             raise CheckpointError(f"{path} was trained with --{name} {ckpt[name]} but this run has --{name} "
                                   f"{given}; drop --{name} to resume (the checkpoint's is used)")
-    if is_main_process():
+    if main_process:
         restore_best(ckpt_dir, ckpt)
     return ckpt
+
+
+def check_world_size(path: Path, recorded: int, current: int) -> None:
+    """The global batch, the shuffle and the schedule's steps per epoch depend on the number of
+    processes, so a run resumes only with the number it was started with."""
+    if recorded != current:
+        raise CheckpointError(f"{path} was trained by {recorded} process(es) but this run has {current}; resume "
+                              f"with the same number (torchrun --nproc_per_node/--nnodes), or start afresh with "
+                              "--overwrite or another --out")
 
 
 def restore_best(ckpt_dir: Path, last: dict) -> None:

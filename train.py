@@ -2,6 +2,7 @@
 
     python train.py --depth 50                                  # classification (default)
     python train.py --task segmentation --depth 18 --data ../shared/data/wbc-seg-d1
+    torchrun --nproc_per_node 4 train.py --depth 50 --sync-bn   # one node, 4 GPUs (DDP)
 """
 from __future__ import annotations
 
@@ -15,18 +16,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler, Subset
 from tqdm import tqdm
 
 import dataset
 from checkpoint import save_checkpoint
+from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
 from model import DEPTHS, TASKS, build_model
 from run_folder import load_best, load_resume, refuse_earlier_run, remove_earlier_run, restore_state
 from training_utils import (autocast_dtype, build_optimizer, build_scheduler, channel_stats, class_weights,
                             plot_training_curves, rng_state, seed_epoch, soft_dice_loss, summary_line)
 from utils import (ArgumentParser, ConfusionMatrix, DataError, ToolError, UsageError, atomic_write_csv,
-                   atomic_write_json, check_number, check_seed, check_writable_dir, compute_metrics,
-                   init_distributed_mode, is_main_process, output_lock, primary_metric, resolve_device,
-                   run_cli, seed_everything)
+                   atomic_write_json, check_number, check_seed, check_writable_dir, compute_metrics, output_lock,
+                   primary_metric, resolve_device, run_cli, seed_everything)
 
 DEFAULT_EPOCHS = {"classification": 12, "segmentation": 25}
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.05}
@@ -44,7 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=None, type=int,
                         help=f"epochs (default {DEFAULT_EPOCHS['classification']} for classification, "
                              f"{DEFAULT_EPOCHS['segmentation']} for segmentation)")
-    parser.add_argument("--batch-size", default=32, type=int)
+    parser.add_argument("--batch-size", default=32, type=int,
+                        help="images per process and step: under torchrun the global batch is this times the "
+                             "number of processes (--lr is not scaled with it; scale it yourself if you want)")
     parser.add_argument("--opt", default="adamw", help="adamw or sgd")
     parser.add_argument("--lr", default=None, type=float, help="peak learning rate (default 2e-3 adamw, 0.05 sgd)")
     parser.add_argument("--weight-decay", default=1e-4, type=float)
@@ -58,6 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", action="store_true", help="start from ImageNet encoder weights")
     parser.add_argument("--workers", default=2, type=int, help="data-loading worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun: BatchNorm statistics over all processes (SyncBatchNorm, CUDA only)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, bf16/fp16 on CUDA)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="keep NCHW memory format (channels_last is faster for convolutions)")
@@ -125,13 +131,15 @@ def smallest_batchnorm_area(task: str, depth: int, image_size: int) -> int:
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, loader: torch.utils.data.DataLoader, device: torch.device,
                     epoch: int, args: argparse.Namespace, scaler: torch.amp.GradScaler | None = None,
-                    amp_dtype: torch.dtype | None = None) -> float:
-    """One pass over ``loader``; returns the mean training loss. Stops on a non-finite loss."""
+                    amp_dtype: torch.dtype | None = None, dist: Dist | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss (over every process's samples).
+    Stops on a non-finite loss."""
+    dist = dist or Dist()
     model.train()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     total_loss, total_seen, correct, counted = 0.0, 0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", leave=False,
-               disable=None if is_main_process() else True)
+               disable=None if dist.is_main else True)
     for step, (images, target) in enumerate(bar):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         target = target.to(device, non_blocking=True)
@@ -158,57 +166,97 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         correct += (logits.argmax(1) == target).sum().item()
         counted += target.numel()
         bar.set_postfix(loss=f"{total_loss / total_seen:.4f}", acc=f"{correct / counted:.3f}")
+    total_loss, total_seen = dist.sum(torch.tensor([total_loss, total_seen], dtype=torch.float64)).tolist()
     return total_loss / max(1, total_seen)
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, task: str,
-             class_names: list[str], desc: str = "eval", channels_last: bool = True) -> dict:
-    """Metrics from a confusion matrix accumulated over the whole split."""
+             class_names: list[str], desc: str = "eval", channels_last: bool = True,
+             dist: Dist | None = None) -> dict:
+    """Metrics from a confusion matrix accumulated over the whole split (under torchrun: summed
+    over the ranks' shards, so every sample counts once)."""
+    dist = dist or Dist()
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     cm = ConfusionMatrix(len(class_names))
-    for images, target in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, target in tqdm(loader, desc=desc, leave=False, disable=None if dist.is_main else True):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         cm.update(target, model(images).argmax(1).cpu())
-    cm.reduce_from_all_processes()
-    return compute_metrics(task, cm.mat, class_names)
+    return compute_metrics(task, dist.sum(cm.mat), class_names)
 
 
-def check_train_split(args: argparse.Namespace, n_train: int) -> None:
-    """A one-sample train split gives batches of one, which BatchNorm cannot train on."""
-    if n_train == 1 and smallest_batchnorm_area(args.task, args.depth, args.image_size) == 1:
+def check_train_split(args: argparse.Namespace, n_train: int, world_size: int = 1) -> None:
+    """A process with a single training sample gets batches of one, which BatchNorm cannot
+    train on (DistributedSampler gives each process ceil(n_train / world_size) samples)."""
+    if math.ceil(n_train / world_size) > 1 or smallest_batchnorm_area(args.task, args.depth, args.image_size) > 1:
+        return
+    if world_size == 1:
         raise DataError(f"the train split has a single sample, but BatchNorm needs at least 2 per batch at "
                         f"--image-size {args.image_size}; add training images or raise --limit")
+    raise DataError(f"the train split's {n_train} samples give each of the {world_size} processes a single one, "
+                    f"but BatchNorm needs at least 2 per batch at --image-size {args.image_size}; add training "
+                    "images, raise --limit or run fewer processes")
+
+
+def check_sync_bn(args: argparse.Namespace, dist: Dist) -> None:
+    if args.sync_bn and dist.active and dist.device.type != "cuda":
+        raise UsageError("--sync-bn needs --device cuda under torchrun (SyncBatchNorm has no CPU kernel); "
+                         "drop --sync-bn on CPU")
 
 
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
-    init_distributed_mode(args)
-    device = resolve_device(args.device)
-    with output_lock(args.out) if is_main_process() else contextlib.nullcontext():
-        return train(args, device)
+    resolve_device(args.device)  # usage errors come before --out is created
+    dist = init_distributed(args.device)
+    restore_print = setup_for_distributed(dist.is_main)
+    with stop_together(dist):
+        try:
+            check_sync_bn(args, dist)
+            args.world_size = dist.world_size
+            with output_lock(args.out) if dist.is_main else contextlib.nullcontext():
+                dist.barrier()  # no rank starts before the main one holds the lock
+                return train(args, dist)
+        finally:
+            restore_print()
+            shutdown(dist)
 
 
-def train(args: argparse.Namespace, device: torch.device) -> dict:
+def build_loaders(args: argparse.Namespace, splits: dict, dist: Dist) -> dict:
+    """Train: under torchrun a DistributedSampler (reshuffled per epoch by ``set_epoch``, padded
+    to equal shares so every rank takes the same number of steps). Val/test: this rank's
+    contiguous, unpadded shard, so that the summed confusion matrices count every sample once."""
+    sampler = (DistributedSampler(splits["train"], num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                  seed=args.seed) if dist.active else None)
+    loaders = {"train": dataset.make_loader(splits["train"], args.batch_size, train=True, workers=args.workers,
+                                            device=dist.device, seed=args.seed, sampler=sampler)}
+    for name in ("val", "test"):
+        shard = Subset(splits[name], list(dist.shard(len(splits[name])))) if dist.active else splits[name]
+        loaders[name] = dataset.make_loader(shard, args.batch_size, train=False, workers=args.workers,
+                                            device=dist.device, seed=args.seed)
+    return loaders
+
+
+def train(args: argparse.Namespace, dist: Dist) -> dict:
     """The training run itself; the main process holds the lock on ``args.out`` throughout."""
+    device = dist.device
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(args.seed)
     ckpt_dir = args.out / "checkpoints"
-    if is_main_process():
+    if dist.is_main:
         check_writable_dir(ckpt_dir)
-    resume = load_resume(args, ckpt_dir) if args.resume else None
+    resume = load_resume(args, ckpt_dir, main_process=dist.is_main) if args.resume else None
     if resume is None and not args.overwrite:
         refuse_earlier_run(args.out)
+    dist.barrier()  # with --resume, the main rank has restored best.pt before any rank goes on
 
     splits = dataset.build_splits(args.task, args.data, args.val_data, args.test_data,
                                   image_size=args.image_size, seed=args.seed, limit=args.limit,
                                   skip_missing_masks=args.skip_missing_masks)
-    check_train_split(args, len(splits["train"]))
+    check_train_split(args, len(splits["train"]), dist.world_size)
     class_names = list(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)
-    if is_main_process():
-        print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
+    print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
     if resume is not None:
         mean, std = resume["mean"], resume["std"]
     elif args.mean is None or args.std is None:
@@ -216,65 +264,71 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         mean, std = args.mean or mean, args.std or std
     else:
         mean, std = args.mean, args.std
-    loaders = {name: dataset.make_loader(ds, args.batch_size, train=(name == "train"), workers=args.workers,
-                                         device=device, seed=args.seed) for name, ds in splits.items()}
+    loaders = build_loaders(args, splits, dist)
 
-    model = build_model(args.task, args.depth, len(class_names), mean, std, pretrained=args.pretrained)
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    module = build_model(args.task, args.depth, len(class_names), mean, std, pretrained=args.pretrained)
+    if args.sync_bn and dist.active:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    module = module.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     weights = class_weights(args, splits["train"], len(class_names))
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=args.label_smoothing)
-    optimizer = build_optimizer(args, model)
+    optimizer = build_optimizer(args, module)
     scheduler = build_scheduler(args, optimizer, len(loaders["train"]))
     amp_dtype = autocast_dtype(device, args.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_epoch, history, best_metric = 0, [], -math.inf
     if resume is not None:
-        restore_state(resume, ckpt_dir / "last.pt", args.opt, model, optimizer, scheduler, scaler, device)
+        restore_state(resume, ckpt_dir / "last.pt", args.opt, module, optimizer, scheduler, scaler, device)
         start_epoch, history, best_metric = resume["epoch"], resume["history"], resume["best_metric"]
         print(f"resuming from {ckpt_dir / 'last.pt'} at epoch {start_epoch + 1}")
-    elif args.overwrite and is_main_process():
+    elif args.overwrite and dist.is_main:
         remove_earlier_run(args.out)
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    model = (nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+             if dist.active else module)
 
     meta = dict(task=args.task, depth=args.depth, class_names=class_names, image_size=args.image_size,
                 mean=mean, std=std, args=vars(args))
     key = primary_metric(args.task)
     started = time.perf_counter() - sum(row["seconds"] for row in history)
     for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args, epoch, loaders["train"])
+        seed_epoch(args, epoch, loaders["train"], dist.rank)
         epoch_start = time.perf_counter()
         train_loss = train_one_epoch(model, criterion, optimizer, scheduler, loaders["train"], device,
-                                     epoch, args, scaler, amp_dtype)
-        val = evaluate(model, loaders["val"], device, args.task, class_names, "val", args.channels_last)
+                                     epoch, args, scaler, amp_dtype, dist)
+        for buffer in module.buffers():  # every rank evaluates the main rank's BatchNorm statistics
+            dist.broadcast_(buffer)
+        val = evaluate(module, loaders["val"], device, args.task, class_names, "val", args.channels_last, dist)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                         **{f"val_{k}": v for k, v in val.items()},
                         "seconds": time.perf_counter() - epoch_start})
         improved = not math.isnan(val[key]) and val[key] > best_metric
         best_metric = val[key] if improved else best_metric
         print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val {summary_line(args.task, val)}")
-        if is_main_process():
+        if dist.is_main:
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
                          history=history, best_metric=best_metric)
             # last.pt first: a kill before best.pt is written leaves last.pt as the best epoch's
             # checkpoint, from which load_resume() restores best.pt
-            save_checkpoint(ckpt_dir / "last.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
+            save_checkpoint(ckpt_dir / "last.pt", module, epoch=epoch + 1, metrics=val, **meta, **state)
             if improved:
-                save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
+                save_checkpoint(ckpt_dir / "best.pt", module, epoch=epoch + 1, metrics=val, **meta, **state)
             atomic_write_csv(args.out / "log.csv", history, list(history[0].keys()))
             plot_training_curves(history, key, args.out / "Images" / "training_curves.png")
     train_seconds = time.perf_counter() - started
 
+    dist.barrier()  # the main rank has written best.pt
     best = load_best(args, ckpt_dir / "best.pt", history)
-    (model.module if args.distributed else model).load_state_dict(best["model"])
-    test = evaluate(model, loaders["test"], device, args.task, class_names, "test", args.channels_last)
-    result = {**test, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2)}
+    module.load_state_dict(best["model"])
+    test = evaluate(module, loaders["test"], device, args.task, class_names, "test", args.channels_last, dist)
+    result = {**test, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2),
+              "world_size": dist.world_size}
     print(f"test ({len(splits['test'])} images, best epoch {best['epoch']}): {summary_line(args.task, test)}")
-    if is_main_process():
+    if dist.is_main:
         atomic_write_json(args.out / "metrics.json", result)
+    dist.barrier()  # every rank ends together, after metrics.json
     return result
 
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,15 +102,29 @@ def rng_state() -> dict:
     return state
 
 
-def seed_epoch(args: argparse.Namespace, epoch: int, loader: torch.utils.data.DataLoader) -> None:
-    """Make epoch ``epoch``'s randomness a function of (seed, epoch) only, so --resume is exact."""
-    epoch_seed = args.seed * 1000 + epoch
-    torch.manual_seed(epoch_seed)
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one rank.
+
+    Rank 0 (and so a single process) keeps ``seed * 1000 + epoch``, the seed of a run without
+    torchrun; every other rank gets an independent 32-bit seed derived from (seed, epoch, rank),
+    so the ranks draw different augmentations and random starts.
+    """
+    if rank == 0:
+        return seed * 1000 + epoch
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def seed_epoch(args: argparse.Namespace, epoch: int, loader: torch.utils.data.DataLoader, rank: int = 0) -> None:
+    """Make epoch ``epoch``'s randomness on ``rank`` a function of (seed, epoch, rank) only, so
+    --resume is exact. The DistributedSampler's shuffle depends on (seed, epoch) alone: every
+    rank must draw the same permutation to take its share of it."""
+    seed = epoch_seed(args.seed, epoch, rank)
+    torch.manual_seed(seed)
     if loader.generator is not None:
-        loader.generator.manual_seed(epoch_seed)
+        loader.generator.manual_seed(seed)
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
-    loader.dataset.reseed(epoch_seed)
+    loader.dataset.reseed(seed)
 
 
 def plot_training_curves(history: list[dict], key: str, path: Path) -> None:

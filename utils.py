@@ -1,5 +1,5 @@
-"""Small shared utilities: errors and the CLI wrapper, atomic writes, devices, seeding,
-distributed helpers and the metrics (all computed from confusion matrices)."""
+"""Small shared utilities: errors and the CLI wrapper, atomic writes, devices, seeding and
+the metrics (all computed from confusion matrices). torchrun helpers live in distributed.py."""
 from __future__ import annotations
 
 import argparse
@@ -412,42 +412,6 @@ def parse_fraction(text: str) -> float:
     return value
 
 
-# --------------------------------------------------------------------------- distributed
-def init_distributed_mode(args: Any) -> None:
-    """Set ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``.
-
-    Under ``torchrun`` (RANK/WORLD_SIZE set) this joins the process group; otherwise it
-    falls back to a single process with rank 0, so every rank-aware write still works.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-        args.distributed = True
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(args.gpu)
-        torch.distributed.init_process_group(backend=backend, init_method="env://",
-                                             world_size=args.world_size, rank=args.rank)
-        torch.distributed.barrier()
-    else:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-
-
-def is_main_process() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
-
-
-def reduce_confusion(cm: torch.Tensor) -> torch.Tensor:
-    """Sum a confusion matrix over ranks (no-op in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        cm = cm.clone()
-        torch.distributed.all_reduce(cm)
-    return cm
-
-
 # --------------------------------------------------------------------------- metrics
 def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Confusion matrix ``cm[true, pred]`` (int64, on CPU) over all elements of the tensors.
@@ -472,9 +436,6 @@ class ConfusionMatrix:
 
     def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
         self.mat += confusion_matrix(target, pred, self.num_classes)
-
-    def reduce_from_all_processes(self) -> None:
-        self.mat = reduce_confusion(self.mat)
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
