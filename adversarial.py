@@ -5,25 +5,29 @@
 * TRADES (Zhang et al., ICML 2019) minimises CE(f(x), y) + beta * KL(f(x) || f(x')), where x'
   maximises the KL term (``attacks.TRADES``); classification only.
 
-Both inner attacks come from attacks.py and run in eval mode on the unwrapped model (as the
-TRADES reference does, and so that DistributedDataParallel sees one forward per step); the
-training forward then sees the clean and adversarial images in one batch. eps ramps up
+Both inner attacks come from attacks.py and run in eval mode (as the TRADES reference does) on
+the unwrapped model, so that DistributedDataParallel only sees the training forwards. TRADES'
+training step then runs the clean and the adversarial batch through the model one after the
+other, as the reference does, so each has its own BatchNorm batch statistics. eps ramps up
 linearly from 0 over ``--adv-warmup-epochs``.
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from attacks import TRADES, build_attack
 from dataset import stratified_subset
+from distributed import Dist
 from engine import Engine, predict, predictions_under_attack
-from splitdata import SplitSource, SubsetSplit
-from utils import UsageError, check_number, compute_metrics, confusion_matrix, parse_fraction, primary_metric
+from splitdata import DatasetSplit, SplitSource, preload
+from utils import UsageError, check_number, compute_metrics, confusion_matrix, parse_fraction
 
 ADV_KINDS = ("none", "pgd", "trades")
 ROBUST_VAL_STEPS = 10
@@ -116,7 +120,7 @@ def trades_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, s
     if eps > 0:
         atk = TRADES(unwrap(model), eps=eps, alpha=settings.alpha_for(eps), steps=settings.steps)
         adv = atk(images).detach().contiguous(memory_format=_memory_format(images))
-    logits, adv_logits = model(torch.cat([images, adv])).float().chunk(2)
+    logits, adv_logits = model(images).float(), model(adv).float()
     robust = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return criterion(logits, targets) + settings.beta * robust, logits
 
@@ -125,22 +129,44 @@ def _memory_format(images: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
-def robust_subset(source: SplitSource, limit: int, seed: int) -> SplitSource:
-    """The stratified validation subset of the per-epoch robust check."""
-    return SubsetSplit(source, stratified_subset(range(len(source)), source.labels, limit, seed))
+def split_source(split: Dataset, indices: Sequence[int], in_memory: bool) -> SplitSource:
+    """The samples ``indices`` of ``split`` (a dataset of train.py's splits) as a SplitSource:
+    decoded once into memory (``in_memory``), or read from disk at every access."""
+    part = type(split)([split.samples[i] for i in indices], split.transform)
+    source = preload(part) if in_memory and len(part) else None
+    return source if source is not None else DatasetSplit(part)
+
+
+def robust_subset(split: Dataset, limit: int, seed: int, dist: Dist | None = None) -> SplitSource:
+    """This rank's contiguous share of the stratified ``limit``-sample subset of ``split`` that
+    the per-epoch robust check attacks, decoded once into memory."""
+    chosen = stratified_subset(range(len(split)), split.labels, limit, seed)
+    return split_source(split, [chosen[i] for i in (dist or Dist()).shard(len(chosen))], in_memory=True)
 
 
 def robust_metrics(model: nn.Module, source: SplitSource, task: str, class_names: list[str], eps: float,
-                   device: torch.device, batch_size: int = 32) -> dict:
+                   device: torch.device, batch_size: int = 32, dist: Dist | None = None) -> dict:
     """Metrics under PGD-10 (alpha = 2.5*eps/10, no random start) at ``eps``, counted as the
-    sweep counts them: fp32 predictions, a classification sample wrong once fooled."""
+    sweep counts them: fp32 predictions, a classification sample wrong once fooled. Under
+    torchrun ``source`` is this rank's shard and the confusion matrices are summed."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    engine = Engine(device=device, batch_size=batch_size)
+    try:
+        cm = robust_confusion(model, source, task, len(class_names), eps, Engine(device=device, batch_size=batch_size))
+    finally:
+        model.train(was_training)
+    return compute_metrics(task, (dist or Dist()).sum(cm), class_names)
+
+
+def robust_confusion(model: nn.Module, source: SplitSource, task: str, num_classes: int, eps: float,
+                     engine: Engine) -> torch.Tensor:
+    """The confusion matrix of ``source`` under PGD-10 at ``eps`` (an empty shard counts nothing)."""
+    if len(source) == 0:
+        return torch.zeros(num_classes, num_classes, dtype=torch.int64)
     targets, clean = [], []
-    for chunk in torch.arange(len(source)).split(batch_size):
-        images, target = source.batch(chunk, device)
+    for chunk in torch.arange(len(source)).split(engine.batch_size):
+        images, target = source.batch(chunk, engine.device)
         targets.append(target.cpu())
         clean.append(predict(model, images).cpu())
     targets, pred = torch.cat(targets), torch.cat(clean)
@@ -148,11 +174,6 @@ def robust_metrics(model: nn.Module, source: SplitSource, task: str, class_names
     todo = torch.nonzero(pred == targets).flatten() if classification else torch.arange(len(source))
     if eps > 0 and len(todo):
         atk = build_attack("pgd", model, eps, steps=ROBUST_VAL_STEPS, alpha=2.5 * eps / ROBUST_VAL_STEPS,
-                           num_classes=len(class_names))
+                           num_classes=num_classes)
         pred[todo] = predictions_under_attack(model, source, todo, atk, engine, classification=classification)
-    model.train(was_training)
-    return compute_metrics(task, confusion_matrix(targets, pred, len(class_names)), class_names)
-
-
-def robust_key(task: str) -> str:
-    return f"val_robust_{primary_metric(task)}"
+    return confusion_matrix(targets, pred, num_classes)
