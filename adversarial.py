@@ -153,7 +153,8 @@ def robust_metrics(model: nn.Module, source: SplitSource, task: str, class_names
     was_training = model.training
     model.eval()
     try:
-        cm = robust_confusion(model, source, task, len(class_names), eps, Engine(device=device, batch_size=batch_size))
+        engine = Engine(device=device, batch_size=batch_size)
+        cm = robust_confusion(model, source, task, len(class_names), eps, engine)
     finally:
         model.train(was_training)
     return compute_metrics(task, (dist or Dist()).sum(cm), class_names)

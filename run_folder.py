@@ -22,7 +22,10 @@ from utils import CheckpointError, ToolError, atomic_path, primary_metric
 #: Flags that change a run's numbers: --resume refuses to continue a run with any of them changed.
 RESUME_FLAGS = ("opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights", "label_smoothing",
                 "dice_weight", "seed", "data", "val_data", "test_data", "limit", "skip_missing_masks", "amp",
-                "sync_bn")
+                "sync_bn", "adv", "adv_eps", "adv_steps", "adv_alpha", "adv_warmup_epochs", "trades_beta",
+                "adv_attack", "adv_val_limit")
+#: What a checkpoint written before a flag existed was trained with (compared on --resume).
+RESUME_DEFAULTS = {"sync_bn": False, "adv": "none"}
 #: A state-dict key that only the optimizer of each --opt has.
 OPTIMIZER_MARK = {"adamw": "betas", "sgd": "momentum"}
 #: What a training run writes into --out; --overwrite removes an earlier run's copies.
@@ -65,8 +68,9 @@ def load_resume(args: argparse.Namespace, ckpt_dir: Path, main_process: bool = T
     validate_resume_state(path, ckpt)
     recorded = ckpt["args"]
     for flag in RESUME_FLAGS:
-        if flag in recorded and recorded[flag] != getattr(args, flag):
-            raise CheckpointError(f"{path} was trained with {_shown(flag, recorded[flag])} but this run has "
+        was = recorded.get(flag, RESUME_DEFAULTS.get(flag, getattr(args, flag)))
+        if was != getattr(args, flag):
+            raise CheckpointError(f"{path} was trained with {_shown(flag, was)} but this run has "
                                   f"{_shown(flag, getattr(args, flag))}; resume with the same flags, or start "
                                   "afresh with --overwrite or another --out")
     check_world_size(path, recorded.get("world_size", 1), getattr(args, "world_size", 1))
@@ -95,7 +99,7 @@ def restore_best(ckpt_dir: Path, last: dict) -> None:
     A kill between writing last.pt and best.pt of an improved epoch leaves best.pt one
     improvement behind; last.pt is then exactly that epoch's best checkpoint, so it is copied.
     """
-    key = primary_metric(last["task"])
+    key = best_metric_key(last["task"], last["args"].get("adv", "none"))
     row = best_row(last["history"], key)
     if row is None:
         return
@@ -137,6 +141,13 @@ def restore_state(resume: dict, path: Path, opt: str, model: nn.Module, optimize
         torch.cuda.set_rng_state_all(resume["rng"]["cuda"][:torch.cuda.device_count()])
 
 
+def best_metric_key(task: str, adv: str) -> str:
+    """The validation metric that picks best.pt: the primary one or, with --adv, its value
+    under PGD-10 at --adv-eps (history column ``val_robust_<metric>``)."""
+    key = primary_metric(task)
+    return key if adv == "none" else f"robust_{key}"
+
+
 def best_row(history: list[dict], key: str) -> dict | None:
     """The history row of the epoch that wrote best.pt: the first with the highest finite ``val_<key>``."""
     best, chosen = -math.inf, None
@@ -154,7 +165,7 @@ def holds_row(ckpt: dict, row: dict, key: str) -> bool:
 
 def load_best(args: argparse.Namespace, path: Path, history: list[dict]) -> dict:
     """This run's best.pt, and only that: never a best.pt left by another run."""
-    key = primary_metric(args.task)
+    key = best_metric_key(args.task, getattr(args, "adv", "none"))
     row = best_row(history, key)
     if row is None:
         raise ToolError(f"no epoch gave a finite validation {key} (see {args.out / 'log.csv'}), so there is no "

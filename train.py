@@ -3,6 +3,7 @@
     python train.py --depth 50                                  # classification (default)
     python train.py --task segmentation --depth 18 --data ../shared/data/wbc-seg-d1
     torchrun --nproc_per_node 4 train.py --depth 50 --sync-bn   # one node, 4 GPUs (DDP)
+    python train.py --depth 18 --adv pgd --adv-eps 4/255         # PGD-AT (or --adv trades)
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from torch.utils.data import DistributedSampler, Subset
 from tqdm import tqdm
 
 import dataset
+from adversarial import (AdvSettings, add_adversarial_args, adversarial_batch, adversarial_settings, robust_metrics,
+                         robust_subset, split_source, trades_loss)
 from checkpoint import save_checkpoint
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
 from model import DEPTHS, TASKS, build_model
-from run_folder import load_best, load_resume, refuse_earlier_run, remove_earlier_run, restore_state
+from run_folder import (best_metric_key, load_best, load_resume, refuse_earlier_run, remove_earlier_run,
+                        restore_state)
 from training_utils import (autocast_dtype, build_optimizer, build_scheduler, channel_stats, class_weights,
                             plot_training_curves, rng_state, seed_epoch, soft_dice_loss, summary_line)
 from utils import (ArgumentParser, ConfusionMatrix, DataError, ToolError, UsageError, atomic_write_csv,
@@ -74,6 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in --out (its checkpoints, log and metrics)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_adversarial_args(parser)
     return parser
 
 
@@ -101,6 +106,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for value in args.std or ():
         check_number("--std", value, low=0, low_open=True)
     check_seed(args.seed)
+    args.adv_eps = adversarial_settings(args).eps
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it; pass only one")
     if args.batch_size == 1 and smallest_batchnorm_area(args.task, args.depth, args.image_size) == 1:
@@ -128,13 +134,30 @@ def smallest_batchnorm_area(task: str, depth: int, image_size: int) -> int:
     return min(areas, default=2)
 
 
+def training_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor, target: torch.Tensor,
+                  args: argparse.Namespace, adv: AdvSettings, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss) of one step: standard, PGD-AT (on the inner attack's adversarials) or TRADES."""
+    if adv.kind == "trades":
+        loss, logits = trades_loss(model, images, target, adv, eps, criterion)
+        return logits, loss
+    if adv.kind == "pgd":
+        num_classes = len(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)
+        images = adversarial_batch(model, images, target, adv, eps, num_classes)
+    logits = model(images)
+    loss = criterion(logits.float(), target)
+    if args.task == "segmentation" and args.dice_weight > 0:
+        loss = loss + args.dice_weight * soft_dice_loss(logits, target)
+    return logits, loss
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, loader: torch.utils.data.DataLoader, device: torch.device,
                     epoch: int, args: argparse.Namespace, scaler: torch.amp.GradScaler | None = None,
-                    amp_dtype: torch.dtype | None = None, dist: Dist | None = None) -> float:
+                    amp_dtype: torch.dtype | None = None, dist: Dist | None = None,
+                    adv: AdvSettings | None = None) -> float:
     """One pass over ``loader``; returns the mean training loss (over every process's samples).
-    Stops on a non-finite loss."""
-    dist = dist or Dist()
+    Stops on a non-finite loss. With ``adv`` the inner attack runs under the same autocast."""
+    dist, adv = dist or Dist(), adv or AdvSettings()
     model.train()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     total_loss, total_seen, correct, counted = 0.0, 0, 0, 0
@@ -144,10 +167,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-            loss = criterion(logits.float(), target)
-            if args.task == "segmentation" and args.dice_weight > 0:
-                loss = loss + args.dice_weight * soft_dice_loss(logits, target)
+            logits, loss = training_loss(model, criterion, images, target, args, adv,
+                                         adv.eps_at(epoch, step, len(loader)))
         if not torch.isfinite(loss):
             raise ToolError(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
                             f"the last good checkpoint is kept in {args.out / 'checkpoints'}; "
@@ -237,9 +258,32 @@ def build_loaders(args: argparse.Namespace, splits: dict, dist: Dist) -> dict:
     return loaders
 
 
+def validate(module: nn.Module, loaders: dict, robust_val: Any, args: argparse.Namespace, adv: AdvSettings,
+             class_names: list[str], dist: Dist) -> dict:
+    """Validation metrics, plus ``robust_<metric>`` under PGD-10 at --adv-eps with --adv."""
+    for buffer in module.buffers():  # every rank evaluates the main rank's BatchNorm statistics
+        dist.broadcast_(buffer)
+    val = evaluate(module, loaders["val"], dist.device, args.task, class_names, "val", args.channels_last, dist)
+    if adv.active:
+        robust = robust_metrics(module, robust_val, args.task, class_names, adv.eps, dist.device, args.batch_size,
+                                dist)
+        val.update({f"robust_{key}": value for key, value in robust.items()})
+    return val
+
+
+def robust_test_metrics(module: nn.Module, test_split: Any, args: argparse.Namespace, adv: AdvSettings,
+                class_names: list[str], dist: Dist) -> dict:
+    """``test_robust_<metric>``: the whole test split under PGD-10 at --adv-eps (with --adv)."""
+    if not adv.active:
+        return {}
+    source = split_source(test_split, dist.shard(len(test_split)), in_memory=False)
+    robust = robust_metrics(module, source, args.task, class_names, adv.eps, dist.device, args.batch_size, dist)
+    return {f"test_robust_{key}": value for key, value in robust.items()}
+
+
 def train(args: argparse.Namespace, dist: Dist) -> dict:
     """The training run itself; the main process holds the lock on ``args.out`` throughout."""
-    device = dist.device
+    device, adv = dist.device, adversarial_settings(args)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(args.seed)
@@ -265,6 +309,7 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     else:
         mean, std = args.mean, args.std
     loaders = build_loaders(args, splits, dist)
+    robust_val = robust_subset(splits["val"], adv.val_limit, args.seed, dist) if adv.active else None
 
     module = build_model(args.task, args.depth, len(class_names), mean, std, pretrained=args.pretrained)
     if args.sync_bn and dist.active:
@@ -290,22 +335,23 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
 
     meta = dict(task=args.task, depth=args.depth, class_names=class_names, image_size=args.image_size,
                 mean=mean, std=std, args=vars(args))
-    key = primary_metric(args.task)
+    key, best_key = primary_metric(args.task), best_metric_key(args.task, args.adv)
+    steps = len(loaders["train"])
     started = time.perf_counter() - sum(row["seconds"] for row in history)
     for epoch in range(start_epoch, args.epochs):
         seed_epoch(args, epoch, loaders["train"], dist.rank)
         epoch_start = time.perf_counter()
         train_loss = train_one_epoch(model, criterion, optimizer, scheduler, loaders["train"], device,
-                                     epoch, args, scaler, amp_dtype, dist)
-        for buffer in module.buffers():  # every rank evaluates the main rank's BatchNorm statistics
-            dist.broadcast_(buffer)
-        val = evaluate(module, loaders["val"], device, args.task, class_names, "val", args.channels_last, dist)
+                                     epoch, args, scaler, amp_dtype, dist, adv)
+        val = validate(module, loaders, robust_val, args, adv, class_names, dist)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                        **({"adv_eps": adv.eps_at(epoch, steps - 1, steps)} if adv.active else {}),
                         **{f"val_{k}": v for k, v in val.items()},
                         "seconds": time.perf_counter() - epoch_start})
-        improved = not math.isnan(val[key]) and val[key] > best_metric
-        best_metric = val[key] if improved else best_metric
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val {summary_line(args.task, val)}")
+        improved = not math.isnan(val[best_key]) and val[best_key] > best_metric
+        best_metric = val[best_key] if improved else best_metric
+        robust = f"  robust {val[best_key]:.4f}" if adv.active else ""
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val {summary_line(args.task, val)}{robust}")
         if dist.is_main:
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
@@ -323,9 +369,11 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     best = load_best(args, ckpt_dir / "best.pt", history)
     module.load_state_dict(best["model"])
     test = evaluate(module, loaders["test"], device, args.task, class_names, "test", args.channels_last, dist)
-    result = {**test, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2),
+    robust = robust_test_metrics(module, splits["test"], args, adv, class_names, dist)
+    result = {**test, **robust, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2),
               "world_size": dist.world_size}
-    print(f"test ({len(splits['test'])} images, best epoch {best['epoch']}): {summary_line(args.task, test)}")
+    shown = f"  robust {robust[f'test_robust_{key}']:.4f}" if robust else ""
+    print(f"test ({len(splits['test'])} images, best epoch {best['epoch']}): {summary_line(args.task, test)}{shown}")
     if dist.is_main:
         atomic_write_json(args.out / "metrics.json", result)
     dist.barrier()  # every rank ends together, after metrics.json

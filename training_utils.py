@@ -128,7 +128,7 @@ def seed_epoch(args: argparse.Namespace, epoch: int, loader: torch.utils.data.Da
 
 
 def plot_training_curves(history: list[dict], key: str, path: Path) -> None:
-    """Training loss and the validation metric per epoch, side by side."""
+    """Training loss and the validation metric per epoch (clean and, with --adv, robust), side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,7 +137,11 @@ def plot_training_curves(history: list[dict], key: str, path: Path) -> None:
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [row["train_loss"] for row in history], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    ax_metric.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", color="tab:green")
+    ax_metric.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", color="tab:green", label="clean")
+    if f"val_robust_{key}" in history[0]:
+        ax_metric.plot(epochs, [row[f"val_robust_{key}"] for row in history], marker="s", color="tab:red",
+                       label="PGD-10 at --adv-eps")
+        ax_metric.legend(loc="lower right")
     ax_metric.set(xlabel="epoch", ylabel=f"validation {key}", title=f"Validation {key}", ylim=(0, 1.02))
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
