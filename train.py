@@ -272,7 +272,7 @@ def validate(module: nn.Module, loaders: dict, robust_val: Any, args: argparse.N
 
 
 def robust_test_metrics(module: nn.Module, test_split: Any, args: argparse.Namespace, adv: AdvSettings,
-                class_names: list[str], dist: Dist) -> dict:
+                        class_names: list[str], dist: Dist) -> dict:
     """``test_robust_<metric>``: the whole test split under PGD-10 at --adv-eps (with --adv)."""
     if not adv.active:
         return {}
