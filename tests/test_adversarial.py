@@ -109,6 +109,27 @@ def test_pgd_at_batches_stay_within_eps_and_differ_from_the_clean_ones(task):
     assert adversarial_batch(model, images, targets, AdvSettings(kind="pgd"), 0.0, 5) is images
 
 
+@pytest.mark.parametrize("kind", ["pgd", "trades"])
+def test_inner_attacks_under_bf16_autocast_and_channels_last(kind):
+    """--amp runs the inner attack under the step's autocast; the images stay fp32 and in their
+    memory format, within eps."""
+    model, eps = tiny_classifier().to(memory_format=torch.channels_last), 8 / 255
+    images = torch.rand(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    targets = torch.tensor([0, 1, 2, 3])
+    settings = AdvSettings(kind=kind, eps=eps, steps=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if kind == "pgd":
+            adv = adversarial_batch(model, images, targets, settings, eps, 5)
+            loss = F.cross_entropy(model(adv).float(), targets)
+        else:
+            loss, _ = trades_loss(model, images, targets, settings, eps, nn.CrossEntropyLoss())
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    if kind == "pgd":
+        assert adv.dtype == torch.float32 and adv.is_contiguous(memory_format=torch.channels_last)
+        assert 0 < (adv - images).abs().max() <= eps + 1e-6
+
+
 def test_trades_loss_is_ce_plus_beta_kl_of_the_inner_maximisation():
     model, beta, eps = tiny_classifier(batchnorm=False), 3.0, 8 / 255
     images, targets = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4])

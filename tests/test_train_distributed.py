@@ -1,5 +1,6 @@
-"""train.py under torchrun on CPU (gloo): a 2-process run trains, resumes and writes a checkpoint
-that main.py sweeps; its metrics are the single-process ones; a failing rank ends the job."""
+"""train.py under torchrun on CPU (gloo): a 2-process run (TRADES, so that the adversarial step and
+the sharded robust check run under DDP too) trains, resumes and writes a checkpoint that main.py
+sweeps; its metrics are the single-process ones; a failing rank ends the job."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ import torch
 
 import dataset
 import train
+from adversarial import robust_metrics, split_source
 from checkpoint import load_checkpoint, model_from_checkpoint
 from main import get_args_parser as sweep_parser
 from main import main as run_sweep
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 COUNTS = {"Basophil": 6, "Eosinophil": 6, "Lymphocyte": 8, "Monocyte": 6, "Neutrophil": 10}
+ADV = ["--adv", "trades", "--adv-steps", "1", "--adv-val-limit", "4"]
 
 
 def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
@@ -37,17 +40,20 @@ def torchrun_train(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def single_process_test_metrics(best: Path, data: Path) -> dict:
-    """The test metrics of ``best`` evaluated by one process over the whole test split."""
+    """The clean and robust test metrics of ``best``, evaluated by one process over the whole split."""
     ckpt = load_checkpoint(best)
+    model, cpu = model_from_checkpoint(ckpt), torch.device("cpu")
     split = dataset.build_splits("classification", data, image_size=32)["test"]
     loader = dataset.make_loader(split, 3, train=False)
-    return train.evaluate(model_from_checkpoint(ckpt), loader, torch.device("cpu"), "classification",
-                          ckpt["class_names"], "test")
+    clean = train.evaluate(model, loader, cpu, "classification", ckpt["class_names"], "test")
+    robust = robust_metrics(model, split_source(split, range(len(split)), in_memory=True), "classification",
+                            ckpt["class_names"], 4 / 255, cpu, batch_size=3)
+    return {**clean, **{f"test_robust_{key}": value for key, value in robust.items()}}
 
 
 def test_two_processes_train_resume_and_main_sweeps_the_checkpoint(make_classification_data, tmp_path):
     data, out = make_classification_data(COUNTS), tmp_path / "run"
-    done = torchrun_train(train_argv(data, out), tmp_path)
+    done = torchrun_train(train_argv(data, out, *ADV), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("epoch 1/1") == 1, "only rank 0 prints"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -57,14 +63,14 @@ def test_two_processes_train_resume_and_main_sweeps_the_checkpoint(make_classifi
     expected = single_process_test_metrics(best, data)
     assert {key: metrics[key] for key in expected} == pytest.approx(expected, nan_ok=True)
 
-    resumed = torchrun_train(train_argv(data, out, "--epochs", "2", "--resume"), tmp_path)
+    resumed = torchrun_train(train_argv(data, out, *ADV, "--epochs", "2", "--resume"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resuming from") == 1
     assert [row["epoch"] for row in csv.DictReader((out / "log.csv").open())] == ["1", "2"]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
 
     with pytest.raises(CheckpointError, match="trained by 2 process"):
-        train.main(train.get_args_parser().parse_args(train_argv(data, out, "--epochs", "3", "--resume")))
+        train.main(train.get_args_parser().parse_args(train_argv(data, out, *ADV, "--epochs", "3", "--resume")))
 
     sweep = ["--checkpoint", str(best), "--out", str(tmp_path / "sweep"), "--device", "cpu", "--no-checks",
              "--eps-list", "0", "2/255", "--steps", "2", "--batch-size", "8"]
