@@ -215,9 +215,9 @@ def check_train_split(args: argparse.Namespace, n_train: int, world_size: int = 
     if world_size == 1:
         raise DataError(f"the train split has a single sample, but BatchNorm needs at least 2 per batch at "
                         f"--image-size {args.image_size}; add training images or raise --limit")
-    raise DataError(f"the train split's {n_train} samples give each of the {world_size} processes a single one, "
-                    f"but BatchNorm needs at least 2 per batch at --image-size {args.image_size}; add training "
-                    "images, raise --limit or run fewer processes")
+    raise DataError(f"the train split has {n_train} sample(s), so each of the {world_size} processes gets batches "
+                    f"of one, but BatchNorm needs at least 2 per batch at --image-size {args.image_size}; add "
+                    "training images, raise --limit or run fewer processes")
 
 
 def check_sync_bn(args: argparse.Namespace, dist: Dist) -> None:
