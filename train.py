@@ -102,10 +102,23 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return None
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """Deterministic kernels, or cudnn's autotuner (as torchvision's reference scripts do):
+    benchmark mode picks the fastest convolution algorithm per input shape, but the choice,
+    and with it the last bits of the results, may change from run to run."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def unaugmented(train_ds: Any, task: str, image_size: int) -> Any:
+    """The training samples read as val/test read them (resize only, no augmentation)."""
+    return type(train_ds)(train_ds.samples, dataset.build_transform(task, image_size, train=False))
+
+
 def channel_stats(train_ds: Any, task: str, image_size: int,
                   max_images: int = 512) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of (up to ``max_images``, evenly spaced) un-augmented training images."""
-    plain = type(train_ds)(train_ds.samples, dataset.build_transform(task, image_size, train=False))
+    plain = unaugmented(train_ds, task, image_size)
     step = max(1, len(plain) // max_images)
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
     for index in range(0, len(plain), step):
@@ -119,15 +132,17 @@ def channel_stats(train_ds: Any, task: str, image_size: int,
 
 
 def class_weights(args: argparse.Namespace, train_ds: Any, num_classes: int) -> torch.Tensor | None:
-    """Inverse-frequency weights (mean 1) from image labels or, for segmentation, pixel counts."""
+    """Inverse-frequency weights (mean 1) from image labels or, for segmentation, the pixel
+    counts of the un-augmented training masks (augmentation would make them random)."""
     if not args.class_weights:
         return None
     if args.task == "classification":
         counts = torch.bincount(torch.tensor(train_ds.labels), minlength=num_classes).double()
     else:
+        plain = unaugmented(train_ds, args.task, args.image_size)
         counts = torch.zeros(num_classes, dtype=torch.float64)
-        for index in range(len(train_ds)):
-            counts += torch.bincount(train_ds[index][1].reshape(-1), minlength=num_classes).double()
+        for index in range(len(plain)):
+            counts += torch.bincount(plain[index][1].reshape(-1), minlength=num_classes).double()
     weights = counts.sum() / counts.clamp_min(1) / num_classes
     return (weights / weights.mean()).float()
 
@@ -221,15 +236,12 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     return compute_metrics(task, cm.mat, class_names)
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def seed_epoch(args: argparse.Namespace, epoch: int, loader: torch.utils.data.DataLoader) -> None:
-    """Make epoch ``epoch``'s randomness a function of (seed, epoch) only, so --resume is exact."""
+    """Make epoch ``epoch``'s randomness a function of (seed, epoch) only, so --resume is exact.
+
+    It reseeds torch (CPU and every CUDA device), the loader's shuffling and worker seeds and the
+    augmentation before the epoch's first draw, so checkpoints need no RNG state.
+    """
     epoch_seed = args.seed * 1000 + epoch
     torch.manual_seed(epoch_seed)
     if loader.generator is not None:
@@ -268,8 +280,7 @@ def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     init_distributed_mode(args)
     device = resolve_device(args.device)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    configure_determinism(args.deterministic)
     seed_everything(args.seed)
     ckpt_dir = args.out / "checkpoints"
     if is_main_process():
@@ -310,9 +321,6 @@ def main(args: argparse.Namespace) -> dict:
         scheduler.load_state_dict(resume["scheduler"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         start_epoch, history, best_metric = resume["epoch"], resume["history"], resume["best_metric"]
         print(f"resuming from {ckpt_dir / 'last.pt'} at epoch {start_epoch + 1}")
     if args.distributed:
@@ -336,7 +344,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val {summary_line(args.task, val)}")
         if is_main_process():
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
+                         scaler=scaler.state_dict() if scaler is not None else {},
                          history=history, best_metric=best_metric)
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", model, epoch=epoch + 1, metrics=val, **meta, **state)
