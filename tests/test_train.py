@@ -140,3 +140,16 @@ def test_cudnn_benchmark_is_on_unless_deterministic():
     finally:
         torch.backends.cudnn.benchmark = saved[0]
         torch.use_deterministic_algorithms(saved[1])
+
+
+@pytest.mark.parametrize("task,expected", [
+    ("classification", {"epochs": 30, "batch_size": 16, "image_size": 96, "warmup_epochs": 2, "lr": 1e-3}),
+    ("segmentation", {"epochs": 25, "batch_size": 32, "image_size": 128, "warmup_epochs": 1, "lr": 2e-3}),
+])
+def test_defaults_depend_on_the_task_and_flags_win(task, expected):
+    args = train.get_args_parser().parse_args(["--task", task])
+    train.validate_args(args)
+    assert {key: getattr(args, key) for key in expected} == expected
+    args = train.get_args_parser().parse_args(["--task", task, "--batch-size", "8", "--image-size", "40"])
+    train.validate_args(args)
+    assert (args.batch_size, args.image_size) == (8, 40)
