@@ -153,3 +153,15 @@ def test_defaults_depend_on_the_task_and_flags_win(task, expected):
     args = train.get_args_parser().parse_args(["--task", task, "--batch-size", "8", "--image-size", "40"])
     train.validate_args(args)
     assert (args.batch_size, args.image_size) == (8, 40)
+
+
+def test_best_checkpoint_prefers_a_later_epoch_within_one_val_sample(tmp_path, tiny_synthetic_root, monkeypatch):
+    out = tmp_path / "run"
+    args = _args(out, tiny_synthetic_root, "classification", "--epochs", "4")
+    n_val = len(train.dataset.build_splits("classification", tiny_synthetic_root / "Train", image_size=32)["val"])
+    scripted = iter([0.5, 0.9, 0.9 - 1 / n_val, 0.9 - 2 / n_val, 0.0])  # 4 val epochs, then test
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: dict.fromkeys(
+        ["accuracy", "balanced_accuracy"], next(scripted)))
+    train.main(args)
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["epoch"] == 3 and best["best_metric"] == pytest.approx(0.9)
