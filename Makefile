@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 
 ## Train a small classifier and segmenter on the synthetic sample, then sweep PGD on both.
 demo: install
-	$(PY) train.py --task classification --depth 18 --image-size 64 --epochs 10
+	$(PY) train.py --task classification --depth 18 --image-size 64 --epochs 20
 	$(PY) main.py --task classification --attack pgd --eps-list $(EPS) --limit 64
 	$(PY) train.py --task segmentation --depth 18 --image-size 96 --epochs 6 --limit 300
 	$(PY) main.py --task segmentation --attack pgd --eps-list $(EPS) --limit 24
