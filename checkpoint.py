@@ -24,7 +24,7 @@ FORMAT = "wbc-attack-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "task", "depth", "class_names", "image_size", "mean", "std", "model")
 #: What train.py adds to every checkpoint so that ``--resume`` can continue from it.
-RESUME_KEYS = ("optimizer", "scheduler", "rng", "history", "best_metric")
+RESUME_KEYS = ("optimizer", "scheduler", "history", "best_metric")
 
 
 def to_plain(value: Any) -> Any:
@@ -45,7 +45,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, task: str, dep
                     std: Sequence[float], epoch: int = 0, metrics: Mapping | None = None,
                     args: Mapping | None = None, **state: Any) -> None:
     """Write a checkpoint atomically. ``state`` holds extra plain/tensor entries for
-    ``--resume`` (optimizer, scheduler, scaler, rng, history, best_metric)."""
+    ``--resume`` (optimizer, scheduler, scaler, history, best_metric)."""
     module = model.module if hasattr(model, "module") else model
     payload = {
         "format": FORMAT, "version": VERSION, "task": task, "depth": int(depth),
@@ -196,19 +196,6 @@ def _history_ok(history: Any, epoch: Any, task: str) -> bool:
                for i, row in enumerate(history))
 
 
-def _byte_state(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
-
-
-def _rng_ok(rng: Any) -> bool:
-    """The CPU generator state (of this torch's size) and a list of CUDA ones (maybe empty)."""
-    if not isinstance(rng, dict) or not _byte_state(rng.get("torch")):
-        return False
-    cuda = rng.get("cuda", [])
-    return (rng["torch"].numel() == torch.get_rng_state().numel()
-            and isinstance(cuda, list) and all(map(_byte_state, cuda)))
-
-
 def _optimizer_ok(state: Any) -> bool:
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         return False
@@ -222,7 +209,6 @@ RESUME_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (_optimizer_ok, "an optimizer state dict"),
     "scheduler": (lambda v: isinstance(v, dict) and _is_int(v.get("last_epoch")), "a scheduler state dict"),
     "scaler": (lambda v: isinstance(v, dict), "a dict"),
-    "rng": (_rng_ok, "the saved random-number-generator state"),
     "best_metric": (lambda v: _is_number(v) and not math.isnan(v), "a number"),
 }
 

@@ -333,7 +333,9 @@ def build_transform(task: str, image_size: int, train: bool) -> A.Compose:
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.RandomRotate90(p=0.5),
-            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15),
+            # A cell on a slide has no orientation: classification rotates by any angle.
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05),
+                     rotate=(-180, 180) if task == "classification" else (-15, 15),
                      interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                      border_mode=cv2.BORDER_REFLECT_101, p=0.5),
             # Stain variation between slides and scanners: light colour jitter only.

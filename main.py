@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -281,8 +282,13 @@ def run_checklist(args: argparse.Namespace, ckpt: Mapping, model: nn.Module, eng
                              norm=args.norm, steps=args.steps, alpha=args.alpha, random_start=args.random_start,
                              seed=args.seed, limit=args.check_limit)
     print(f"gradient-masking checklist on {min(args.check_limit, len(source))} {split} samples:")
+    start = time.perf_counter()
     report.add_checks(run_checks(model, source, settings, engine, report.sorted_rows(), split=split,
                                  sweep_state=outcomes if not args.targeted else None, on_line=print))
+    sweep_seconds = sum(row["seconds"] for row in report.sorted_rows() if row["attack"] != "worst")
+    report.config["seconds"] = {"sweep": round(sweep_seconds, 1), "checks": round(time.perf_counter() - start, 1)}
+    print(f"checklist: {report.config['seconds']['checks']:.0f} s, "
+          f"{report.config['seconds']['checks'] / max(sweep_seconds, 1e-9):.0%} of the sweep's {sweep_seconds:.0f} s")
 
 
 def compare_runs(args: argparse.Namespace) -> list:

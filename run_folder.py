@@ -119,7 +119,8 @@ def restore_best(ckpt_dir: Path, last: dict) -> None:
 
 def restore_state(resume: dict, path: Path, opt: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                   scheduler: Any, scaler: torch.amp.GradScaler | None, device: torch.device) -> None:
-    """Load weights, optimizer, scheduler, scaler and RNG state from ``resume`` (one-line errors)."""
+    """Load weights, optimizer, scheduler and scaler state from ``resume`` (one-line errors); the
+    random streams need no state: train.py reseeds them at every epoch."""
     load_weights(model, resume)
     if any(OPTIMIZER_MARK[opt] not in group for group in resume["optimizer"]["param_groups"]):
         raise CheckpointError(f"{path} holds the state of another optimizer than --opt {opt}; "
@@ -136,9 +137,6 @@ def restore_state(resume: dict, path: Path, opt: str, model: nn.Module, optimize
         if any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != param.shape for v in state.values()):
             raise CheckpointError(f"{path} holds an optimizer state whose shapes do not fit the model; "
                                   "start afresh with --overwrite")
-    torch.set_rng_state(resume["rng"]["torch"])
-    if device.type == "cuda" and resume["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(resume["rng"]["cuda"][:torch.cuda.device_count()])
 
 
 def best_metric_key(task: str, adv: str) -> str:
@@ -149,13 +147,11 @@ def best_metric_key(task: str, adv: str) -> str:
 
 
 def best_row(history: list[dict], key: str) -> dict | None:
-    """The history row of the epoch that wrote best.pt: the first with the highest finite ``val_<key>``."""
-    best, chosen = -math.inf, None
-    for row in history:
-        value = row[f"val_{key}"]
-        if value is not None and not math.isnan(value) and value > best:
-            best, chosen = value, row
-    return chosen
+    """The history row of the epoch that last wrote best.pt (train.py marks it ``best``), if its
+    ``val_<key>`` is finite."""
+    chosen = next((row for row in reversed(history) if row.get("best")), None)
+    value = chosen.get(f"val_{key}") if chosen is not None else None
+    return chosen if value is not None and not math.isnan(value) else None
 
 
 def holds_row(ckpt: dict, row: dict, key: str) -> bool:

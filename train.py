@@ -29,13 +29,24 @@ from model import DEPTHS, TASKS, build_model
 from run_folder import (best_metric_key, load_best, load_resume, refuse_earlier_run, remove_earlier_run,
                         restore_state)
 from training_utils import (autocast_dtype, build_optimizer, build_scheduler, channel_stats, class_weights,
-                            plot_training_curves, rng_state, seed_epoch, soft_dice_loss, summary_line)
+                            configure_determinism, plot_training_curves, seed_epoch, soft_dice_loss, summary_line)
 from utils import (ArgumentParser, ConfusionMatrix, DataError, ToolError, UsageError, atomic_write_csv,
                    atomic_write_json, check_number, check_seed, check_writable_dir, compute_metrics, output_lock,
                    primary_metric, resolve_device, run_cli, seed_everything)
 
-DEFAULT_EPOCHS = {"classification": 12, "segmentation": 25}
-DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.05}
+#: Flags left out default per task. Classification's were chosen on the 300 real cells of wbc-seg-d1
+#: (211 training images): batch 16 for 13 optimiser steps per epoch instead of 6, and 96 px, which
+#: downscales the 104-120 px crops instead of upscaling them and pays for the 30 epochs.
+TASK_DEFAULTS: dict[str, dict[str, int]] = {
+    "classification": {"epochs": 30, "batch_size": 16, "image_size": 96, "warmup_epochs": 2},
+    "segmentation": {"epochs": 25, "batch_size": 32, "image_size": 128, "warmup_epochs": 1},
+}
+#: Peak learning rates per task and optimiser; classification's follow its halved batch (linear scaling).
+DEFAULT_LR = {"classification": {"adamw": 1e-3, "sgd": 0.025}, "segmentation": {"adamw": 2e-3, "sgd": 0.05}}
+
+
+def _by_task(flag: str) -> str:
+    return ", ".join(f"{values[flag]} for {task}" for task, values in TASK_DEFAULTS.items())
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,20 +58,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-data", default=None, help="separate test root (e.g. Raabin TestB/)")
     parser.add_argument("--skip-missing-masks", action="store_true", help="skip images that have no mask")
     parser.add_argument("--limit", default=None, type=int, help="at most N samples per split (quick runs)")
-    parser.add_argument("--epochs", default=None, type=int,
-                        help=f"epochs (default {DEFAULT_EPOCHS['classification']} for classification, "
-                             f"{DEFAULT_EPOCHS['segmentation']} for segmentation)")
-    parser.add_argument("--batch-size", default=32, type=int,
-                        help="images per process and step: under torchrun the global batch is this times the "
-                             "number of processes (--lr is not scaled with it; scale it yourself if you want)")
+    parser.add_argument("--epochs", default=None, type=int, help=f"epochs (default {_by_task('epochs')})")
+    parser.add_argument("--batch-size", default=None, type=int,
+                        help=f"images per process and step (default {_by_task('batch_size')}): under torchrun the "
+                             "global batch is this times the number of processes (--lr is not scaled with it; "
+                             "scale it yourself if you want)")
     parser.add_argument("--opt", default="adamw", help="adamw or sgd")
-    parser.add_argument("--lr", default=None, type=float, help="peak learning rate (default 2e-3 adamw, 0.05 sgd)")
+    parser.add_argument("--lr", default=None, type=float,
+                        help="peak learning rate (default: adamw 1e-3 classification, 2e-3 segmentation; "
+                             "sgd 0.025 and 0.05)")
     parser.add_argument("--weight-decay", default=1e-4, type=float)
-    parser.add_argument("--warmup-epochs", default=1, type=int, help="linear warm-up before the cosine decay")
+    parser.add_argument("--warmup-epochs", default=None, type=int,
+                        help=f"linear warm-up before the cosine decay (default {_by_task('warmup_epochs')})")
     parser.add_argument("--class-weights", action="store_true", help="inverse-frequency weighted cross-entropy")
     parser.add_argument("--label-smoothing", default=0.0, type=float, help="cross-entropy label smoothing")
     parser.add_argument("--dice-weight", default=1.0, type=float, help="weight of the soft Dice loss (segmentation)")
-    parser.add_argument("--image-size", default=128, type=int, help="images are resized to this square size")
+    parser.add_argument("--image-size", default=None, type=int,
+                        help=f"images are resized to this square size (default {_by_task('image_size')})")
     parser.add_argument("--mean", default=None, type=float, nargs=3, help="normalisation mean (default: train split)")
     parser.add_argument("--std", default=None, type=float, nargs=3, help="normalisation std (default: train split)")
     parser.add_argument("--pretrained", action="store_true", help="start from ImageNet encoder weights")
@@ -88,12 +102,15 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
     if args.depth not in DEPTHS:
         raise UsageError(f"unknown --depth {args.depth}; choose one of {', '.join(map(str, DEPTHS))}")
-    if args.opt not in DEFAULT_LR:
+    if args.opt not in DEFAULT_LR[args.task]:
         raise UsageError(f"unknown --opt {args.opt!r}; choose adamw or sgd")
     for flag in ("batch_size", "image_size", "epochs", "limit"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    for flag, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     for flag, value in (("--workers", args.workers), ("--warmup-epochs", args.warmup_epochs)):
         if value < 0:
             raise UsageError(f"{flag} must be 0 or more, got {value}")
@@ -112,8 +129,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.batch_size == 1 and smallest_batchnorm_area(args.task, args.depth, args.image_size) == 1:
         raise UsageError(f"--batch-size 1 leaves BatchNorm one value per channel at --image-size "
                          f"{args.image_size}, which cannot train; use --batch-size 2 or more")
-    args.epochs = args.epochs or DEFAULT_EPOCHS[args.task]
-    args.lr = args.lr or DEFAULT_LR[args.opt]
+    args.lr = args.lr or DEFAULT_LR[args.task][args.opt]
     args.out = Path(args.out or ("Classification" if args.task == "classification" else "Segmentation"))
 
 
@@ -207,6 +223,16 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     return compute_metrics(task, dist.sum(cm.mat), class_names)
 
 
+def selection_tolerance(task: str, val_size: int) -> float:
+    """How far below the best val metric so far a later epoch may be and still replace best.pt.
+
+    For classification, one val sample: on a small val split (44 real cells) the best epoch is
+    mostly a mid-training spike one image above the plateau, while the later model has trained
+    longer at a lower learning rate. Segmentation's Dice over many pixels keeps ties only.
+    """
+    return 1.0 / val_size + 1e-9 if task == "classification" else 0.0  # 1e-9: rounding slack
+
+
 def check_train_split(args: argparse.Namespace, n_train: int, world_size: int = 1) -> None:
     """A process with a single training sample gets batches of one, which BatchNorm cannot
     train on (DistributedSampler gives each process ceil(n_train / world_size) samples)."""
@@ -284,8 +310,7 @@ def robust_test_metrics(module: nn.Module, test_split: Any, args: argparse.Names
 def train(args: argparse.Namespace, dist: Dist) -> dict:
     """The training run itself; the main process holds the lock on ``args.out`` throughout."""
     device, adv = dist.device, adversarial_settings(args)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+    configure_determinism(args.deterministic)
     seed_everything(args.seed)
     ckpt_dir = args.out / "checkpoints"
     if dist.is_main:
@@ -337,6 +362,7 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
                 mean=mean, std=std, args=vars(args))
     key, best_key = primary_metric(args.task), best_metric_key(args.task, args.adv)
     steps = len(loaders["train"])
+    tolerance = selection_tolerance(args.task, len(splits["val"]))
     started = time.perf_counter() - sum(row["seconds"] for row in history)
     for epoch in range(start_epoch, args.epochs):
         seed_epoch(args, epoch, loaders["train"], dist.rank)
@@ -344,17 +370,17 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
         train_loss = train_one_epoch(model, criterion, optimizer, scheduler, loaders["train"], device,
                                      epoch, args, scaler, amp_dtype, dist, adv)
         val = validate(module, loaders, robust_val, args, adv, class_names, dist)
+        improved = not math.isnan(val[best_key]) and val[best_key] >= best_metric - tolerance
+        best_metric = max(best_metric, val[best_key]) if improved else best_metric
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                         **({"adv_eps": adv.eps_at(epoch, steps - 1, steps)} if adv.active else {}),
-                        **{f"val_{k}": v for k, v in val.items()},
+                        **{f"val_{k}": v for k, v in val.items()}, "best": improved,
                         "seconds": time.perf_counter() - epoch_start})
-        improved = not math.isnan(val[best_key]) and val[best_key] > best_metric
-        best_metric = val[best_key] if improved else best_metric
         robust = f"  robust {val[best_key]:.4f}" if adv.active else ""
         print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val {summary_line(args.task, val)}{robust}")
         if dist.is_main:
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
+                         scaler=scaler.state_dict() if scaler is not None else {},
                          history=history, best_metric=best_metric)
             # last.pt first: a kill before best.pt is written leaves last.pt as the best epoch's
             # checkpoint, from which load_resume() restores best.pt

@@ -29,10 +29,23 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return None
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """Deterministic kernels, or cudnn's autotuner (as torchvision's reference scripts do):
+    benchmark mode picks the fastest convolution algorithm per input shape, but the choice,
+    and with it the last bits of the results, may change from run to run."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def unaugmented(train_ds: Any, task: str, image_size: int) -> Any:
+    """The training samples read as val/test read them (resize only, no augmentation)."""
+    return type(train_ds)(train_ds.samples, dataset.build_transform(task, image_size, train=False))
+
+
 def channel_stats(train_ds: Any, task: str, image_size: int,
                   max_images: int = 512) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of (up to ``max_images``, evenly spaced) un-augmented training images."""
-    plain = type(train_ds)(train_ds.samples, dataset.build_transform(task, image_size, train=False))
+    plain = unaugmented(train_ds, task, image_size)
     step = max(1, len(plain) // max_images)
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
     for index in range(0, len(plain), step):
@@ -46,15 +59,17 @@ def channel_stats(train_ds: Any, task: str, image_size: int,
 
 
 def class_weights(args: argparse.Namespace, train_ds: Any, num_classes: int) -> torch.Tensor | None:
-    """Inverse-frequency weights (mean 1) from image labels or, for segmentation, pixel counts."""
+    """Inverse-frequency weights (mean 1) from image labels or, for segmentation, the pixel
+    counts of the un-augmented training masks (augmentation would make them random)."""
     if not args.class_weights:
         return None
     if args.task == "classification":
         counts = torch.bincount(torch.tensor(train_ds.labels), minlength=num_classes).double()
     else:
+        plain = unaugmented(train_ds, args.task, args.image_size)
         counts = torch.zeros(num_classes, dtype=torch.float64)
-        for index in range(len(train_ds)):
-            counts += torch.bincount(train_ds[index][1].reshape(-1), minlength=num_classes).double()
+        for index in range(len(plain)):
+            counts += torch.bincount(plain[index][1].reshape(-1), minlength=num_classes).double()
     weights = counts.sum() / counts.clamp_min(1) / num_classes
     return (weights / weights.mean()).float()
 
@@ -95,13 +110,6 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed of one epoch on one rank.
 
@@ -116,8 +124,10 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 def seed_epoch(args: argparse.Namespace, epoch: int, loader: torch.utils.data.DataLoader, rank: int = 0) -> None:
     """Make epoch ``epoch``'s randomness on ``rank`` a function of (seed, epoch, rank) only, so
-    --resume is exact. The DistributedSampler's shuffle depends on (seed, epoch) alone: every
-    rank must draw the same permutation to take its share of it."""
+    --resume is exact. It reseeds torch (CPU and every CUDA device), the loader's shuffling and
+    worker seeds and the augmentation before the epoch's first draw, so checkpoints need no RNG
+    state. The DistributedSampler's shuffle depends on (seed, epoch) alone: every rank must draw
+    the same permutation to take its share of it."""
     seed = epoch_seed(args.seed, epoch, rank)
     torch.manual_seed(seed)
     if loader.generator is not None:

@@ -156,12 +156,13 @@ def test_trades_loss_is_ce_plus_beta_kl_of_the_inner_maximisation():
 
 
 # --------------------------------------------------------------------------- best.pt
-def test_with_adv_best_pt_is_the_best_robust_epoch():
-    history = [{"epoch": 1, "val_accuracy": 0.9, "val_robust_accuracy": 0.2},
-               {"epoch": 2, "val_accuracy": 0.8, "val_robust_accuracy": 0.5}]
-    assert best_row(history, best_metric_key("classification", "none"))["epoch"] == 1
-    assert best_row(history, best_metric_key("classification", "pgd"))["epoch"] == 2
+def test_with_adv_best_pt_follows_the_robust_metric():
+    assert best_metric_key("classification", "none") == "accuracy"
+    assert best_metric_key("classification", "pgd") == "robust_accuracy"
     assert best_metric_key("segmentation", "pgd") == "robust_dice_mean"
+    history = [{"epoch": 1, "val_accuracy": 0.8, "val_robust_accuracy": 0.5, "best": True},
+               {"epoch": 2, "val_accuracy": 0.9, "val_robust_accuracy": 0.2, "best": False}]
+    assert best_row(history, best_metric_key("classification", "pgd"))["epoch"] == 1
 
 
 # --------------------------------------------------------------------------- end to end

@@ -78,3 +78,15 @@ def test_monotone_flags_a_metric_that_rises_with_eps():
     check = check_monotone(rows, "dice_mean")
     assert check.status == "WARN" and check.value == pytest.approx(0.1) and "test pgd" in check.detail
     assert check_monotone(rows[:2], "dice_mean").status == "PASS"
+
+
+def test_worst_pred_keeps_each_images_lowest_dice():
+    from checks import _Subset
+    masks = torch.zeros(2, 4, 4, dtype=torch.long)
+    masks[:, :2] = 1
+    good, bad = masks.clone(), torch.zeros_like(masks)
+    settings = CheckSettings(task="segmentation", class_names=SEG_NAMES, eps_list=[0.0])
+    subset = _Subset(lambda x: torch.zeros(len(x), 3, 4, 4), TensorSplit(torch.zeros(2, 3, 4, 4), masks), settings,
+                     Engine(batch_size=2), "test", [0, 1])
+    first, second = torch.stack([good[0], bad[1]]), torch.stack([bad[0], good[1]])
+    assert torch.equal(subset.worst_pred([first, second]), bad)

@@ -1,13 +1,20 @@
 """train.py end to end on a tiny synthetic sample: outputs, checkpoints, resume, --help."""
+import argparse
 import csv
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import albumentations as A
+import cv2
+import numpy as np
 import pytest
 import torch
+from albumentations.pytorch import ToTensorV2
 
+import dataset
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -37,7 +44,7 @@ def test_one_epoch_smoke_run_writes_everything(tmp_path, tiny_synthetic_root, ta
     assert (out / "Images" / "training_curves.png").stat().st_size > 0
     ckpt = load_checkpoint(out / "checkpoints" / "best.pt", task=task, depth=18, image_size=32)
     assert ckpt["epoch"] == 1 and len(ckpt["mean"]) == 3
-    assert "optimizer" in ckpt and "scheduler" in ckpt and "rng" in ckpt
+    assert "optimizer" in ckpt and "scheduler" in ckpt
     torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     model = model_from_checkpoint(ckpt)
     assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(ckpt["mean"]))
@@ -85,3 +92,76 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path
 def test_bad_training_flags_are_usage_errors(flag, value):
     with pytest.raises(train.UsageError, match=flag):
         train.validate_args(train.get_args_parser().parse_args([flag, value]))
+
+
+def test_segmentation_class_weights_come_from_unaugmented_masks(tiny_synthetic_root):
+    train_ds = dataset.build_splits("segmentation", tiny_synthetic_root, image_size=32)["train"]
+    # An "augmentation" that keeps only a background corner: weights taken over it would be wrong.
+    train_ds.transform = A.Compose([A.Crop(0, 0, 4, 4), A.Resize(32, 32, interpolation=cv2.INTER_NEAREST),
+                                    A.ToFloat(max_value=255.0), ToTensorV2()])
+    counts = np.zeros(3)
+    for _, mask_path, _ in train_ds.samples:
+        mask = cv2.resize(dataset.load_mask(mask_path), (32, 32), interpolation=cv2.INTER_NEAREST)
+        counts += np.bincount(mask.reshape(-1), minlength=3)
+    expected = counts.sum() / counts / 3
+    args = argparse.Namespace(class_weights=True, task="segmentation", image_size=32)
+    weights = train.class_weights(args, train_ds, 3)
+    assert weights.tolist() == pytest.approx((expected / expected.mean()).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_seed_epoch_alone_fixes_the_epochs_randomness(tiny_synthetic_root, workers):
+    """Why --resume needs no saved RNG state: an epoch's shuffling, augmentation and torch draws
+    depend on (seed, epoch) only, whatever ran before."""
+    train_ds = dataset.build_splits("classification", tiny_synthetic_root / "Train", image_size=16,
+                                    limit=8)["train"]
+    loader = dataset.make_loader(train_ds, 4, train=True, workers=workers, seed=3)
+    args = argparse.Namespace(seed=3)
+
+    def epoch_draws(epoch):
+        train.seed_epoch(args, epoch, loader)
+        return [torch.cat([images.flatten(), labels.float()]) for images, labels in loader] + [torch.rand(4)]
+
+    first = epoch_draws(1)
+    torch.rand(100), np.random.rand(100), random.random()
+    epoch_draws(0)
+    again, other = epoch_draws(1), epoch_draws(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_cudnn_benchmark_is_on_unless_deterministic():
+    saved = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    try:
+        train.configure_determinism(False)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        train.configure_determinism(True)
+        assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.use_deterministic_algorithms(saved[1])
+
+
+@pytest.mark.parametrize("task,expected", [
+    ("classification", {"epochs": 30, "batch_size": 16, "image_size": 96, "warmup_epochs": 2, "lr": 1e-3}),
+    ("segmentation", {"epochs": 25, "batch_size": 32, "image_size": 128, "warmup_epochs": 1, "lr": 2e-3}),
+])
+def test_defaults_depend_on_the_task_and_flags_win(task, expected):
+    args = train.get_args_parser().parse_args(["--task", task])
+    train.validate_args(args)
+    assert {key: getattr(args, key) for key in expected} == expected
+    args = train.get_args_parser().parse_args(["--task", task, "--batch-size", "8", "--image-size", "40"])
+    train.validate_args(args)
+    assert (args.batch_size, args.image_size) == (8, 40)
+
+
+def test_best_checkpoint_prefers_a_later_epoch_within_one_val_sample(tmp_path, tiny_synthetic_root, monkeypatch):
+    out = tmp_path / "run"
+    args = _args(out, tiny_synthetic_root, "classification", "--epochs", "4")
+    n_val = len(train.dataset.build_splits("classification", tiny_synthetic_root / "Train", image_size=32)["val"])
+    scripted = iter([0.5, 0.9, 0.9 - 1 / n_val, 0.9 - 2 / n_val, 0.0])  # 4 val epochs, then test
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: dict.fromkeys(
+        ["accuracy", "balanced_accuracy"], next(scripted)))
+    train.main(args)
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["epoch"] == 3 and best["best_metric"] == pytest.approx(0.9)
