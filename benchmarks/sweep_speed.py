@@ -1,0 +1,190 @@
+"""Time the default sweep engine against the original study's loop, in one process.
+
+    python benchmarks/sweep_speed.py --checkpoint runs/real-cls/checkpoints/best.pt
+    python benchmarks/sweep_speed.py --checkpoint runs/real-seg/checkpoints/best.pt
+
+(a) the loop: for each eps, for each split, for each loader batch (decoded from disk),
+    ``torchattacks.PGD`` on every sample, fp32, NCHW, then one forward to count;
+(b) the default engine of main.py: each split decoded once, packed batches, per-sample early
+    stop, channels_last, ``--precision auto``, the clean prediction computed once.
+Both run PGD-10 with alpha = 2.5*eps/steps and no random start, on the same checkpoint and
+splits. For each eps it prints both metrics, both times, their ratio and each side's peak
+RSS, and writes ``benchmarks/results/<machine>-<task>.json``. Not run by CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchattacks
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attacks import build_attack  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from dataset import build_splits, make_loader  # noqa: E402
+from engine import Engine  # noqa: E402
+from splitdata import load_split  # noqa: E402
+from sweep import SweepSpec, run_split  # noqa: E402
+from utils import ConfusionMatrix, compute_metrics, parse_fraction, primary_metric, resolve_precision  # noqa: E402
+
+DEFAULT_EPS = {"classification": "0 2/255 4/255 8/255 16/255 32/255 64/255 128/255",
+               "segmentation": "0 2/255 4/255 8/255 16/255 32/255"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", default=None, help="default: the checkpoint's data")
+    parser.add_argument("--eps-list", nargs="+", default=None, help="default: main.py's 8 (classification) or 6")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>-<task>.json")
+    return parser
+
+
+# --------------------------------------------------------------------------- peak memory
+def reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process (Linux), so each side has its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- (a) the loop
+def original_loop(model, datasets, task, class_names, eps_list, args, device) -> list[dict]:
+    """The obvious loop: every sample attacked at every eps, data decoded at every eps."""
+    model = model.to(memory_format=torch.contiguous_format)
+    rows = []
+    for eps in eps_list:
+        sync(device)
+        start = time.perf_counter()
+        cms = {split: ConfusionMatrix(len(class_names)) for split in datasets}
+        for split, dataset in datasets.items():
+            for images, targets in make_loader(dataset, args.batch_size, train=False, device=device):
+                images, targets = images.to(device), targets.to(device)
+                if eps > 0:
+                    atk = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / args.steps, steps=args.steps,
+                                           random_start=False)
+                    images = atk(images, targets)
+                with torch.no_grad():
+                    cms[split].update(targets, model(images).argmax(1))
+        sync(device)
+        rows.append({"eps": eps, "seconds": time.perf_counter() - start,
+                     "metric": {split: compute_metrics(task, cm.mat, class_names)[primary_metric(task)]
+                                for split, cm in cms.items()}})
+    return rows
+
+
+# --------------------------------------------------------------------------- (b) the engine
+def default_engine(model, datasets, task, class_names, eps_list, args, device, image_size) -> list[dict]:
+    """main.py's default: in-memory splits, fast engine, channels_last, auto precision."""
+    engine = Engine(kind="fast", device=device, batch_size=args.batch_size,
+                    autocast=resolve_precision(args.precision, device), memory_format=torch.channels_last)
+    model = model.to(memory_format=engine.memory_format)
+    spec = SweepSpec(task=task, class_names=class_names, eps_list=eps_list)
+    seconds = {eps: 0.0 for eps in eps_list}
+    metric: dict[float, dict] = {eps: {} for eps in eps_list}
+    for split, dataset in datasets.items():
+        sync(device)
+        start = time.perf_counter()
+        source, _ = load_split(dataset, task=task, image_size=image_size, max_bytes=4 * 2**30,
+                               pin=device.type == "cuda")
+        seconds[eps_list[0]] += time.perf_counter() - start
+
+        def on_row(row, split=split):
+            seconds[row["eps"]] += row["seconds"]
+            metric[row["eps"]][split] = row[primary_metric(task)]
+
+        run_split(model, source, spec, engine, split=split, on_row=on_row,
+                  make_attack=lambda name, eps: build_attack(name, model, eps, steps=args.steps,
+                                                             alpha=2.5 * eps / args.steps))
+        sync(device)
+    return [{"eps": eps, "seconds": seconds[eps], "metric": metric[eps]} for eps in eps_list]
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+        cpu = model.lower().replace(" ", "-")
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}-{torch.get_num_threads()}threads"
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    task, class_names = ckpt["task"], list(ckpt["class_names"])
+    train_args = ckpt.get("args") or {}
+    eps_list = sorted({parse_fraction(e) for e in (args.eps_list or DEFAULT_EPS[task].split())})
+    datasets = build_splits(task, args.data or train_args.get("data"), train_args.get("val_data"),
+                            train_args.get("test_data"), image_size=ckpt["image_size"], seed=train_args.get("seed", 0),
+                            skip_missing_masks=bool(train_args.get("skip_missing_masks", False)))
+    datasets = {split: datasets[split] for split in args.splits}
+    model = model_from_checkpoint(ckpt, device)
+    with torch.no_grad():  # warm up kernels for both memory formats
+        warm = torch.rand(2, 3, ckpt["image_size"], ckpt["image_size"], device=device)
+        model(warm), model.to(memory_format=torch.channels_last)(warm.contiguous(memory_format=torch.channels_last))
+
+    reset_peak_rss()
+    loop = original_loop(model, datasets, task, class_names, eps_list, args, device)
+    loop_peak = peak_rss_mb()
+    reset_peak_rss()
+    fast = default_engine(model, datasets, task, class_names, eps_list, args, device, ckpt["image_size"])
+    fast_peak = peak_rss_mb()
+
+    print(f"{task} on {', '.join(f'{s} ({len(d)})' for s, d in datasets.items())}, PGD-{args.steps}, "
+          f"{machine_name(device)}")
+    print(f"{'eps':>8} | {'loop metric':>22} | {'engine metric':>22} | {'loop s':>8} | {'engine s':>8} | ratio")
+    for a, b in zip(loop, fast):
+        metrics = lambda row: " ".join(f"{row['metric'][s]:.3f}" for s in args.splits)  # noqa: E731
+        print(f"{a['eps'] * 255:>6.4g}/255 | {metrics(a):>22} | {metrics(b):>22} | {a['seconds']:>8.1f} | "
+              f"{b['seconds']:>8.1f} | {a['seconds'] / max(b['seconds'], 1e-9):.2f}x")
+    total_loop, total_fast = sum(r["seconds"] for r in loop), sum(r["seconds"] for r in fast)
+    print(f"total: loop {total_loop:.1f} s, engine {total_fast:.1f} s, ratio {total_loop / total_fast:.2f}x; "
+          f"peak RSS loop {loop_peak:.0f} MB, engine {fast_peak:.0f} MB")
+    result = {"task": task, "machine": machine_name(device), "device": str(device), "steps": args.steps,
+              "batch_size": args.batch_size, "checkpoint": str(args.checkpoint),
+              "splits": {s: len(d) for s, d in datasets.items()}, "torch": torch.__version__,
+              "loop": loop, "engine": fast, "total_loop_s": total_loop, "total_engine_s": total_fast,
+              "ratio": total_loop / total_fast, "peak_rss_mb": {"loop": loop_peak, "engine": fast_peak}}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{machine_name(device)}-{task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
