@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from dataset import CLASS_NAMES, SEG_CLASS_NAMES
+from files import atomic_torch_save
 from model import DEPTHS, TASKS, build_model
-from utils import CheckpointError, atomic_torch_save, primary_metric
+from utils import CheckpointError, primary_metric
 
 FORMAT = "wbc-attack-checkpoint"
 VERSION = 1

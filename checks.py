@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import PGDSpec, build_attack, random_start_delta
+from attacks import PGDSpec, build_attack
 from dataset import stratified_subset
 from engine import Engine, forward, per_sample_noise, predict, predictions_under_attack
 from splitdata import SplitSource, SubsetSplit

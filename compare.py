@@ -16,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils import UsageError, atomic_savefig, atomic_write_text  # noqa: E402
+from files import atomic_savefig, atomic_write_text  # noqa: E402
+from utils import UsageError  # noqa: E402
 
 
 def _number(text: str | None) -> float | None:

@@ -26,15 +26,16 @@ from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from checks import CheckSettings, run_checks
 from compare import compare, load_runs
-from distributed import Dist, init_distributed, setup_for_distributed, shutdown
 from dataset import CLASS_NAMES, build_splits
+from distributed import Dist, init_distributed, setup_for_distributed, shutdown
 from engine import Engine
+from files import output_lock
+from outcomes import gather_outcomes
 from report import Report, library_versions
 from splitdata import load_split
-from sweep import SweepSpec, gather_outcomes, run_split
-from utils import (PRECISIONS, ArgumentParser, CheckpointError, UsageError, check_number, check_seed,
-                   output_lock, parse_fraction, peak_memory_mb, resolve_device, resolve_precision, run_cli,
-                   seed_everything)
+from sweep import SweepSpec, run_split
+from utils import (PRECISIONS, ArgumentParser, CheckpointError, UsageError, check_number, check_seed, parse_fraction,
+                   peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")

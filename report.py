@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from utils import ToolError, atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
+from files import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
+from utils import ToolError  # noqa: E402
 
 #: Config fields that change the numbers: a --resume with any of them different is refused.
 RESUME_FIELDS = ("task", "checkpoint_sha256", "attacks", "steps", "alpha", "random_start", "targeted",

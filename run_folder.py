@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from checkpoint import load_checkpoint, load_weights, validate_resume_state
-from utils import CheckpointError, ToolError, atomic_path, primary_metric
+from files import atomic_path
+from utils import CheckpointError, ToolError, primary_metric
 
 #: Flags that change a run's numbers: --resume refuses to continue a run with any of them changed.
 RESUME_FLAGS = ("opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights", "label_smoothing",

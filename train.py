@@ -25,14 +25,14 @@ from adversarial import (AdvSettings, add_adversarial_args, adversarial_batch, a
                          robust_subset, split_source, trades_loss)
 from checkpoint import save_checkpoint
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
+from files import atomic_write_csv, atomic_write_json, check_writable_dir, output_lock
 from model import DEPTHS, TASKS, build_model
 from run_folder import (best_metric_key, load_best, load_resume, refuse_earlier_run, remove_earlier_run,
                         restore_state)
 from training_utils import (autocast_dtype, build_optimizer, build_scheduler, channel_stats, class_weights,
                             configure_determinism, plot_training_curves, seed_epoch, soft_dice_loss, summary_line)
-from utils import (ArgumentParser, ConfusionMatrix, DataError, ToolError, UsageError, atomic_write_csv,
-                   atomic_write_json, check_number, check_seed, check_writable_dir, compute_metrics, output_lock,
-                   primary_metric, resolve_device, run_cli, seed_everything)
+from utils import (ArgumentParser, ConfusionMatrix, DataError, ToolError, UsageError, check_number, check_seed,
+                   compute_metrics, primary_metric, resolve_device, run_cli, seed_everything)
 
 #: Flags left out default per task. Classification's were chosen on the 300 real cells of wbc-seg-d1
 #: (211 training images): batch 16 for 13 optimiser steps per epoch instead of 6, and 96 px, which

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dataset
-from utils import atomic_savefig
+from files import atomic_savefig
 
 
 def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

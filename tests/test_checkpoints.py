@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint
+from files import atomic_write_text
 from model import build_model
-from utils import CheckpointError, ToolError, atomic_write_text
+from utils import CheckpointError, ToolError
 
 CLASSES = ["Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil"]
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils import (ConfusionMatrix, atomic_write_json, classification_metrics, confusion_matrix,
-                   parse_fraction, segmentation_metrics)
+from files import atomic_write_json
+from utils import (ConfusionMatrix, classification_metrics, confusion_matrix, parse_fraction,
+                   segmentation_metrics)
 
 CLASSES = ["a", "b", "c"]
 

@@ -21,12 +21,13 @@ import torch
 
 import main as sweep_cli
 import train as train_cli
-import utils
+import files
 from checkpoint import load_checkpoint
 from conftest import write_tiny_checkpoint
+from files import atomic_torch_save, output_lock
 from run_folder import load_best
 from test_cli_errors import _assert_one_error_line, _run
-from utils import CheckpointError, ToolError, atomic_torch_save, output_lock
+from utils import CheckpointError, ToolError
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN = float("nan")
@@ -179,7 +180,7 @@ def test_lock_in_the_same_process_names_this_pid_and_is_released_after_errors(tm
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils import output_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from files import output_lock\n"
                                f"with output_lock({str(out)!r}):\n print('locked', flush=True); time.sleep(120)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -476,7 +477,7 @@ def test_torch_save_through_a_full_disk_is_a_one_line_error(tmp_path, monkeypatc
         def __exit__(self, *exc):
             self.fh.close()
 
-    monkeypatch.setattr(utils, "open", lambda file, mode="r", *a, **k: FullDisk(real_open(file, mode, *a, **k))
+    monkeypatch.setattr(files, "open", lambda file, mode="r", *a, **k: FullDisk(real_open(file, mode, *a, **k))
                         if mode == "wb" else real_open(file, mode, *a, **k), raising=False)
     with pytest.raises(ToolError, match="No space left on device.*previous state.pt is kept"):
         atomic_torch_save(path, {"new": torch.zeros(100_000)})
