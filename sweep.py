@@ -35,9 +35,10 @@ from attacks import Attack
 from distributed import Dist
 from engine import (NORM_TOLERANCE, Engine, Finished, check_adversarial, per_sample_noise, perturbation_norms,
                     predict, row_seed, run_attack)
+from files import atomic_torch_save
+from outcomes import RowStats, example_indices, example_slots, merge_examples
 from splitdata import SplitSource
-from utils import (ConfusionMatrix, DataError, atomic_torch_save, compute_metrics, per_image_confusion,
-                   per_image_dice)
+from utils import ConfusionMatrix, DataError, compute_metrics, per_image_confusion, per_image_dice
 
 WORST = "worst"
 
@@ -60,46 +61,6 @@ class SweepSpec:
     attack_all: bool = False
 
 
-@dataclass
-class RowStats:
-    """Perturbation statistics of the samples attacked in one row."""
-
-    n_attacked: int = 0
-    linf_sum: float = 0.0
-    l2_sum: float = 0.0
-    linf_max: float = 0.0
-    l2_max: float = 0.0
-    seconds: float = 0.0
-
-    def add_norms(self, linf: torch.Tensor, l2: torch.Tensor) -> None:
-        if len(linf):
-            self.n_attacked += len(linf)
-            self.linf_sum += linf.double().sum().item()
-            self.l2_sum += l2.double().sum().item()
-            self.linf_max = max(self.linf_max, linf.max().item())
-            self.l2_max = max(self.l2_max, l2.max().item())
-
-    def merge(self, other: RowStats) -> None:
-        self.n_attacked += other.n_attacked
-        self.linf_sum += other.linf_sum
-        self.l2_sum += other.l2_sum
-        self.linf_max = max(self.linf_max, other.linf_max)
-        self.l2_max = max(self.l2_max, other.l2_max)
-        self.seconds += other.seconds
-
-    def reduced(self, dist: Dist) -> RowStats:
-        """The statistics of the whole split (summed, or the max, over ranks)."""
-        totals = dist.sum(torch.tensor([self.n_attacked, self.linf_sum, self.l2_sum], dtype=torch.float64))
-        return RowStats(int(totals[0]), float(totals[1]), float(totals[2]), dist.max_float(self.linf_max),
-                        dist.max_float(self.l2_max), dist.max_float(self.seconds))
-
-    def means(self) -> dict:
-        """Mean and max norms (the max is the row's visible sanity check against eps)."""
-        n = self.n_attacked
-        return {"n_attacked": n, "linf_mean": self.linf_sum / n if n else 0.0,
-                "l2_mean": self.l2_sum / n if n else 0.0, "linf_max": self.linf_max, "l2_max": self.l2_max}
-
-
 # --------------------------------------------------------------------------- state files
 def save_state(path: Path, state: dict) -> None:
     """``torch.save`` into a temporary file, then rename: a kill never leaves half a state."""
@@ -120,24 +81,6 @@ def load_state(path: Path, spec: SweepSpec) -> dict | None:
     if done != [float(e) for e in spec.eps_list[:len(done)]]:
         return None
     return state
-
-
-# --------------------------------------------------------------------------- examples
-def example_indices(labels: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """Up to ``k`` allowed samples, class after class: the first of each class, then the second...
-    (indices into ``labels``, sorted)."""
-    by_class = [torch.nonzero(allowed & (labels == c)).flatten().tolist() for c in sorted(set(labels.tolist()))]
-    chosen: list[int] = []
-    for rank in range(max((len(members) for members in by_class), default=0)):
-        chosen += [members[rank] for members in by_class if rank < len(members)]
-    return torch.tensor(sorted(chosen[:k]), dtype=torch.long)
-
-
-def _slots(n: int, ex_index: torch.Tensor) -> torch.Tensor:
-    """Sample index -> example slot (-1 for samples that are not shown)."""
-    slots = torch.full((n,), -1, dtype=torch.long)
-    slots[ex_index] = torch.arange(len(ex_index))
-    return slots
 
 
 # --------------------------------------------------------------------------- the per-split loop
@@ -283,7 +226,7 @@ class _ClassificationSweep(_SplitSweep):
 
     def attack_robust(self, state: dict, name: str, eps: float, stats: RowStats) -> None:
         per_attack = state["attacks"][name]
-        slots = _slots(len(self.source), state["ex_index"])
+        slots = example_slots(len(self.source), state["ex_index"])
 
         def emit(done: Finished) -> None:
             check_adversarial(done.clean, done.adv, eps, self.spec.norm, name)
@@ -305,7 +248,7 @@ class _ClassificationSweep(_SplitSweep):
         index = torch.nonzero(newly).flatten()
         self.count(state, per_attack, index, per_attack["mn_pred"][index], eps)
         stats.add_norms(per_attack["mn_linf"][index], per_attack["mn_l2"][index])
-        shown = _slots(len(self.source), state["ex_index"])[index]
+        shown = example_slots(len(self.source), state["ex_index"])[index]
         per_attack["ex_adv"][shown[shown >= 0]] = per_attack["mn_ex"][shown[shown >= 0]]
 
     def run_min_norm(self, state: dict, name: str, eps: float) -> None:
@@ -314,7 +257,7 @@ class _ClassificationSweep(_SplitSweep):
         per_attack.update(mn_norm=torch.full((n,), math.inf, dtype=torch.float64),
                           mn_linf=torch.zeros(n, dtype=torch.float64), mn_l2=torch.zeros(n, dtype=torch.float64),
                           mn_pred=state["clean_pred"].clone(), mn_ex=per_attack["ex_adv"].clone())
-        slots = _slots(n, state["ex_index"])
+        slots = example_slots(n, state["ex_index"])
 
         def emit(done: Finished) -> None:
             check_adversarial(done.clean, done.adv, math.inf, self.spec.norm, name)
@@ -403,7 +346,7 @@ class _SegmentationSweep(_SplitSweep):
     def attack_all_images(self, state: dict, eps: float, name: str, outcome: dict, stats: RowStats) -> None:
         num_classes = len(self.spec.class_names)
         cm = torch.zeros_like(state["clean_cm"])
-        slots = _slots(len(self.source), state["ex_index"])
+        slots = example_slots(len(self.source), state["ex_index"])
 
         def emit(done: Finished) -> None:
             check_adversarial(done.clean, done.adv, eps, self.spec.norm, name)
@@ -493,39 +436,3 @@ def run_split(model: nn.Module, source: SplitSource, spec: SweepSpec, engine: En
     if dist.active:
         state = {**state, "examples": merge_examples(dist.gather(state["examples"]))}
     return state
-
-
-def merge_examples(parts: list[dict]) -> dict:
-    """The examples of all ranks' shards as one set, in split order."""
-    present = [part for part in parts if len(part["index"])]
-    if not present:
-        return parts[0]
-    order = torch.argsort(torch.cat([part["index"] for part in present]))
-    cat = lambda key: torch.cat([part[key] for part in present])[order]  # noqa: E731
-    merged = {key: cat(key) for key in ("original", "label", "class", "index")}
-    merged.update(eps=present[0]["eps"], caption=present[0]["caption"],
-                  adv=[torch.cat([p["adv"][i] for p in present])[order] for i in range(len(present[0]["eps"]))],
-                  pred=[torch.cat([p["pred"][i] for p in present])[order] for i in range(len(present[0]["eps"]))])
-    return merged
-
-
-#: Per-sample outcomes the checklist reuses, by task.
-CHECK_FIELDS = {"classification": ("wrong_eps", "pred", "hit"), "segmentation": ("cms",)}
-
-
-def gather_outcomes(state: dict, task: str, dist: Dist) -> dict:
-    """The per-sample outcomes of every attack over the whole split (all ranks' shards)."""
-    mine = {"done_eps": state["done_eps"],
-            "attacks": {name: {key: per_attack[key] for key in CHECK_FIELDS[task] if key in per_attack}
-                        for name, per_attack in state["attacks"].items()}}
-    parts = dist.gather(mine)
-    if len(parts) == 1:
-        return mine
-    joined = {"done_eps": mine["done_eps"], "attacks": {}}
-    for name in mine["attacks"]:
-        joined["attacks"][name] = {}
-        for key, value in mine["attacks"][name].items():
-            pieces = [part["attacks"][name][key] for part in parts]
-            joined["attacks"][name][key] = ([torch.cat([p[i] for p in pieces]) for i in range(len(value))]
-                                            if isinstance(value, list) else torch.cat(pieces))
-    return joined
