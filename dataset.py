@@ -8,14 +8,18 @@ Every data problem raises ``DataError`` with one line naming the path, the probl
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import albumentations as A
-import cv2
+# albumentations asks PyPI for a newer release on import: a warning and a 2 s wait on offline
+# machines (clusters, the GPU nodes here). The user's own setting wins.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
