@@ -89,3 +89,18 @@ def test_a_failing_rank_ends_every_rank_quickly(checkpoints, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert errors and "cannot read image" in errors[0] and corrupt.name in errors[0]
     assert "Traceback" not in "\n".join(line for line in done.stderr.splitlines() if "main.py" in line)
+
+
+def test_cuda_under_torchrun_with_fewer_gpus_than_local_processes_is_a_usage_error(monkeypatch):
+    import torch
+
+    import distributed
+    from utils import UsageError
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(distributed, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match="4 processes but 2 GPU"):
+        distributed.init_distributed("cuda")
