@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import dataset as D
+import raabin
 from conftest import save_image
 from utils import DataError, ToolError, UsageError
 
@@ -20,7 +21,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 def test_missing_root(tmp_path, task):
     root = tmp_path / "nowhere"
     with pytest.raises(DataError) as err:
-        D.find_samples(task, root)
+        raabin.find_samples(task, root)
     assert str(root) in _one_line(err) and "does not exist" in str(err.value)
 
 
@@ -28,14 +29,14 @@ def test_root_is_a_file(tmp_path):
     path = tmp_path / "data.zip"
     path.write_bytes(b"PK")
     with pytest.raises(DataError, match="not a folder") as err:
-        D.find_classification_samples(path)
+        raabin.find_classification_samples(path)
     assert str(path) in _one_line(err)
 
 
 def test_no_class_folders_lists_the_expected_names(tmp_path):
     (tmp_path / "cats").mkdir()
     with pytest.raises(DataError) as err:
-        D.find_classification_samples(tmp_path)
+        raabin.find_classification_samples(tmp_path)
     message = _one_line(err)
     assert str(tmp_path) in message and "Train/" in message
     assert all(name in message for name in D.CLASS_NAMES)
@@ -44,7 +45,7 @@ def test_no_class_folders_lists_the_expected_names(tmp_path):
 def test_no_class_folders_suggests_the_nested_split(make_classification_data):
     release = make_classification_data(name="Raabin/Train").parent
     with pytest.raises(DataError) as err:
-        D.find_classification_samples(release)
+        raabin.find_classification_samples(release)
     assert f"point --data at {release / 'Train'}" in _one_line(err)
 
 
@@ -52,13 +53,13 @@ def test_class_folders_without_images(tmp_path):
     (tmp_path / "Neutrophil").mkdir()
     (tmp_path / "Neutrophil" / "readme.txt").write_text("no images here")
     with pytest.raises(DataError, match="no images") as err:
-        D.find_classification_samples(tmp_path)
+        raabin.find_classification_samples(tmp_path)
     assert str(tmp_path) in _one_line(err)
 
 
 def test_segmentation_without_grth(classification_root):
     with pytest.raises(DataError, match="GrTh/Original") as err:
-        D.find_segmentation_samples(classification_root)
+        raabin.find_segmentation_samples(classification_root)
     assert str(classification_root) in _one_line(err)
 
 
@@ -66,7 +67,7 @@ def test_segmentation_without_mask_folder(segmentation_root):
     truth = segmentation_root / "GrTh" / "Ground Truth"
     truth.rename(segmentation_root / "GrTh" / "masks")
     with pytest.raises(DataError) as err:
-        D.find_segmentation_samples(segmentation_root)
+        raabin.find_segmentation_samples(segmentation_root)
     assert str(truth) in _one_line(err)
 
 
@@ -74,19 +75,19 @@ def test_segmentation_without_images(segmentation_root):
     for path in (segmentation_root / "GrTh" / "Original").rglob("*.*"):
         path.unlink()
     with pytest.raises(DataError, match="no images") as err:
-        D.find_segmentation_samples(segmentation_root)
+        raabin.find_segmentation_samples(segmentation_root)
     assert str(segmentation_root / "GrTh" / "Original") in _one_line(err)
 
 
 def test_image_without_mask(segmentation_root, capsys):
     (segmentation_root / "GrTh" / "Ground Truth" / "Monocyte" / "001.jpg").unlink()
     with pytest.raises(DataError) as err:
-        D.find_segmentation_samples(segmentation_root)
+        raabin.find_segmentation_samples(segmentation_root)
     message = _one_line(err)
     assert "Monocyte/001.png" in message and "--skip-missing-masks" in message
     assert str(segmentation_root / "GrTh" / "Original") in message
 
-    samples = D.find_segmentation_samples(segmentation_root, skip_missing_masks=True)
+    samples = raabin.find_segmentation_samples(segmentation_root, skip_missing_masks=True)
     assert len(samples) == 19
     assert "skipped 1 image(s)" in capsys.readouterr().err
     splits = D.build_splits("segmentation", segmentation_root, image_size=16, skip_missing_masks=True)
@@ -97,7 +98,7 @@ def test_many_images_without_masks_are_listed_up_to_five(segmentation_root):
     for path in (segmentation_root / "GrTh" / "Ground Truth" / "Neutrophil").iterdir():
         path.unlink()
     with pytest.raises(DataError) as err:
-        D.find_segmentation_samples(segmentation_root)
+        raabin.find_segmentation_samples(segmentation_root)
     message = _one_line(err)
     assert message.startswith("8 image(s)") and message.count("Neutrophil/") == 5 and ", ...)" in message
 
@@ -106,7 +107,7 @@ def test_no_image_has_a_mask(segmentation_root):
     for path in (segmentation_root / "GrTh" / "Ground Truth").rglob("*.*"):
         path.unlink()
     with pytest.raises(DataError, match="no image") as err:
-        D.find_segmentation_samples(segmentation_root, skip_missing_masks=True)
+        raabin.find_segmentation_samples(segmentation_root, skip_missing_masks=True)
     assert str(segmentation_root / "GrTh" / "Ground Truth") in _one_line(err)
 
 
@@ -115,9 +116,9 @@ def test_corrupt_image(classification_root, content):
     bad = classification_root / "Basophil" / "basophil_00.jpg"
     bad.write_bytes(content)
     with pytest.raises(DataError) as err:
-        D.load_rgb(bad)
+        raabin.load_rgb(bad)
     assert str(bad) in _one_line(err)
-    ds = D.ClassificationDataset(D.find_classification_samples(classification_root),
+    ds = D.ClassificationDataset(raabin.find_classification_samples(classification_root),
                                  D.build_transform("classification", 16, train=False))
     with pytest.raises(DataError, match="basophil_00.jpg"):
         ds[0]
@@ -127,20 +128,20 @@ def test_truncated_image(tmp_path):
     path = save_image(tmp_path / "cell.jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(DataError) as err:
-        D.load_rgb(path)
+        raabin.load_rgb(path)
     assert str(path) in _one_line(err)
 
 
 def test_corrupt_mask(segmentation_root):
-    samples = D.find_segmentation_samples(segmentation_root)
+    samples = raabin.find_segmentation_samples(segmentation_root)
     samples[0][1].write_bytes(b"garbage")
     with pytest.raises(DataError) as err:
-        D.load_mask(samples[0][1])
+        raabin.load_mask(samples[0][1])
     assert str(samples[0][1]) in _one_line(err)
 
 
 def test_mask_size_differs_from_image(segmentation_root):
-    samples = D.find_segmentation_samples(segmentation_root)
+    samples = raabin.find_segmentation_samples(segmentation_root)
     image_path, mask_path, _ = samples[0]
     save_image(mask_path, np.zeros((10, 12, 3), np.uint8), "L")
     ds = D.SegmentationDataset(samples, D.build_transform("segmentation", 16, train=True))

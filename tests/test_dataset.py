@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import dataset as D
+import raabin
 from conftest import cell_grey_mask, save_image
 
 
@@ -19,37 +20,37 @@ from conftest import cell_grey_mask, save_image
 def test_mask_thresholds_at_the_boundaries():
     grey = np.array([[0, 49, 50, 128, 200, 201, 255]], np.uint8)
     expected = np.array([[0, 0, 1, 1, 1, 2, 2]], np.uint8)
-    labels = D.mask_to_labels(grey)
+    labels = raabin.mask_to_labels(grey)
     assert labels.dtype == np.uint8 and labels.shape == grey.shape
     np.testing.assert_array_equal(labels, expected)
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    np.testing.assert_array_equal(D.mask_to_labels(rgb), expected)
+    np.testing.assert_array_equal(raabin.mask_to_labels(rgb), expected)
     rgba = np.concatenate([rgb, np.full_like(grey, 7)[:, :, None]], axis=2)
-    np.testing.assert_array_equal(D.mask_to_labels(rgba), expected)
+    np.testing.assert_array_equal(raabin.mask_to_labels(rgba), expected)
 
 
 def test_jpeg_compressed_masks_keep_their_labels(tmp_path):
     grey = cell_grey_mask(32, 32)  # round edges: the JPEG rings around them
-    expected = D.mask_to_labels(grey)
+    expected = raabin.mask_to_labels(grey)
     for mode in ("L", "RGB"):
         path = save_image(tmp_path / f"mask_{mode}.jpg", np.repeat(grey[:, :, None], 3, 2), mode, quality=60)
         decoded = np.asarray(Image.open(path))
         assert not np.isin(decoded, (0, 128, 255)).all(), "the JPEG should add noise"
-        assert (D.load_mask(path) == expected).mean() > 0.98
+        assert (raabin.load_mask(path) == expected).mean() > 0.98
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
 def test_load_rgb_converts_every_mode_to_rgb_uint8(tmp_path, mode):
     rgb = np.zeros((12, 20, 3), np.uint8)
     rgb[:, 10:] = (200, 100, 50)
-    image = D.load_rgb(save_image(tmp_path / "x.png", rgb, mode))
+    image = raabin.load_rgb(save_image(tmp_path / "x.png", rgb, mode))
     assert image.shape == (12, 20, 3) and image.dtype == np.uint8
     assert image[:, :10].max() <= 5 and image[:, 10:].mean() > 60  # dark left, bright right
 
 
 # --------------------------------------------------------------------------- finding samples
 def test_class_ids_are_fixed_when_a_folder_is_missing(classification_root):
-    samples = D.find_classification_samples(classification_root)
+    samples = raabin.find_classification_samples(classification_root)
     counts = Counter(label for _, label in samples)
     # Monocyte (3) is missing and lymphocyte/ is lower case: ids still follow CLASS_NAMES.
     assert counts == {0: 3, 1: 4, 2: 6, 4: 10}
@@ -64,18 +65,18 @@ def test_classification_ignores_other_files_and_folders(classification_root):
     (classification_root / "Basophil" / "._basophil_00.jpg").write_bytes(b"macOS resource fork")
     (classification_root / "Unknown").mkdir()
     save_image(classification_root / "Unknown" / "x.jpg", np.zeros((8, 8, 3), np.uint8))
-    assert len(D.find_classification_samples(classification_root)) == 23
+    assert len(raabin.find_classification_samples(classification_root)) == 23
 
 
 def test_classification_falls_back_to_grth_original(segmentation_root):
-    from_root = D.find_classification_samples(segmentation_root)
-    from_grth = D.find_classification_samples(segmentation_root / "GrTh")
+    from_root = raabin.find_classification_samples(segmentation_root)
+    from_grth = raabin.find_classification_samples(segmentation_root / "GrTh")
     assert from_root == from_grth
     assert len(from_root) == 20 and all(p.parent.parent.name == "Original" for p, _ in from_root)
 
 
 def test_segmentation_pairs_by_class_and_stem(segmentation_root):
-    samples = D.find_segmentation_samples(segmentation_root)
+    samples = raabin.find_segmentation_samples(segmentation_root)
     assert len(samples) == 20
     assert Counter(label for *_, label in samples) == {0: 2, 1: 3, 2: 4, 3: 3, 4: 8}
     for image, mask, label in samples:
@@ -83,13 +84,13 @@ def test_segmentation_pairs_by_class_and_stem(segmentation_root):
         assert image.parent.name == mask.parent.name == D.CLASS_NAMES[label]
         assert mask.parent.parent.name == "Ground Truth"
     assert any(image.suffix != mask.suffix for image, mask, _ in samples)
-    assert D.find_segmentation_samples(segmentation_root / "GrTh") == samples
+    assert raabin.find_segmentation_samples(segmentation_root / "GrTh") == samples
 
 
 def test_segmentation_prefers_a_lossless_mask(segmentation_root):
     truth = segmentation_root / "GrTh" / "Ground Truth" / "Basophil"
     save_image(truth / "000.jpg", np.zeros((24, 24, 3), np.uint8))  # 000.png exists too
-    samples = D.find_segmentation_samples(segmentation_root)
+    samples = raabin.find_segmentation_samples(segmentation_root)
     assert samples[0][1] == truth / "000.png"
 
 
@@ -170,7 +171,7 @@ def test_flips_are_not_locked_together_after_reseed():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_dataset_outputs(segmentation_root, classification_root, train):
-    seg = D.SegmentationDataset(D.find_segmentation_samples(segmentation_root),
+    seg = D.SegmentationDataset(raabin.find_segmentation_samples(segmentation_root),
                                 D.build_transform("segmentation", 16, train))
     for i in range(len(seg)):  # includes the non-square images
         image, mask = seg[i]
@@ -178,7 +179,7 @@ def test_dataset_outputs(segmentation_root, classification_root, train):
         assert 0.0 <= image.min() and image.max() <= 1.0
         assert mask.shape == (16, 16) and mask.dtype == torch.int64
         assert set(mask.unique().tolist()) <= {0, 1, 2}
-    cls = D.ClassificationDataset(D.find_classification_samples(classification_root),
+    cls = D.ClassificationDataset(raabin.find_classification_samples(classification_root),
                                   D.build_transform("classification", 16, train))
     image, label = cls[0]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 0
@@ -194,7 +195,7 @@ def test_eval_transform_is_resize_only():
 
 
 def test_reseed_makes_augmentation_a_function_of_the_seed(segmentation_root):
-    ds = D.SegmentationDataset(D.find_segmentation_samples(segmentation_root),
+    ds = D.SegmentationDataset(raabin.find_segmentation_samples(segmentation_root),
                                D.build_transform("segmentation", 24, train=True))
 
     def epoch(seed):
@@ -213,7 +214,7 @@ def test_build_splits_partitions_the_root(classification_root):
     assert set(datasets) == {"train", "val", "test"}
     paths = [{p for p, _ in ds.samples} for ds in datasets.values()]
     assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
-    assert set().union(*paths) == {p for p, _ in D.find_classification_samples(classification_root)}
+    assert set().union(*paths) == {p for p, _ in raabin.find_classification_samples(classification_root)}
     assert len(datasets["train"].transform.transforms) > len(datasets["val"].transform.transforms)
     again = D.build_splits("classification", classification_root, image_size=16, seed=0)
     assert all(again[k].samples == datasets[k].samples for k in datasets)
@@ -283,7 +284,7 @@ def test_loader_with_workers_is_reproducible(classification_root):
 
 # --------------------------------------------------------------------------- real data
 def test_real_segmentation_data(real_seg_root):
-    samples = D.find_segmentation_samples(real_seg_root)
+    samples = raabin.find_segmentation_samples(real_seg_root)
     assert len(samples) == 300
     assert Counter(D.CLASS_NAMES[label] for *_, label in samples) == {
         "Neutrophil": 176, "Lymphocyte": 53, "Monocyte": 48, "Eosinophil": 22, "Basophil": 1}
@@ -291,7 +292,7 @@ def test_real_segmentation_data(real_seg_root):
     present = np.zeros(3, bool)
     sizes = set()
     for image_path, mask_path, _ in samples:
-        labels = D.load_mask(mask_path)
+        labels = raabin.load_mask(mask_path)
         present[np.unique(labels)] = True
         sizes.add(labels.shape)
     assert present.all(), "background, cytoplasm and nucleus should all occur"

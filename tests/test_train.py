@@ -15,6 +15,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 import dataset
+import raabin
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -101,7 +102,7 @@ def test_segmentation_class_weights_come_from_unaugmented_masks(tiny_synthetic_r
                                     A.ToFloat(max_value=255.0), ToTensorV2()])
     counts = np.zeros(3)
     for _, mask_path, _ in train_ds.samples:
-        mask = cv2.resize(dataset.load_mask(mask_path), (32, 32), interpolation=cv2.INTER_NEAREST)
+        mask = cv2.resize(raabin.load_mask(mask_path), (32, 32), interpolation=cv2.INTER_NEAREST)
         counts += np.bincount(mask.reshape(-1), minlength=3)
     expected = counts.sum() / counts / 3
     args = argparse.Namespace(class_weights=True, task="segmentation", image_size=32)
