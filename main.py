@@ -2,7 +2,7 @@
 
 Example::
 
-    python main.py --task segmentation --attack pgd,segpgd,cospgd --eps-list 0 2/255 8/255
+    python main.py --task segmentation --attack pgd,segpgd,cospgd --eps-list 0 2/255 8/255   # reads Segmentation/checkpoints/best.pt
 
 Loads ``<out>/checkpoints/best.pt``, sweeps each attack over the eps list on the val and
 test splits (see ``sweep.py``; the attacks themselves are in ``attacks.py``), runs the
@@ -34,8 +34,8 @@ from outcomes import gather_outcomes
 from report import Report, library_versions
 from splitdata import load_split
 from sweep import SweepSpec, run_split
-from utils import (PRECISIONS, ArgumentParser, CheckpointError, UsageError, check_number, check_seed, parse_fraction,
-                   peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
+from utils import (PRECISIONS, ArgumentParser, CheckpointError, ToolError, UsageError, check_number, check_seed,
+                   parse_fraction, peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
@@ -49,7 +49,8 @@ MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.cont
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Adversarial robustness sweep for WBC models",
                                      add_help=add_help)
-    parser.add_argument("--task", default="classification", choices=TASKS)
+    parser.add_argument("--task", default=None, choices=TASKS,
+                        help="default: the task of --checkpoint, else classification")
     parser.add_argument("--checkpoint", default=None, help="default: <out>/checkpoints/best.pt")
     parser.add_argument("--data", default=None, help="default: the checkpoint's data, else synthetic")
     parser.add_argument("--attack", default="pgd",
@@ -147,8 +148,18 @@ def parse_attack_list(text: str, task: str, targeted: bool) -> list[str]:
     return names
 
 
+def task_of(checkpoint: str | None) -> str:
+    """The task recorded in ``checkpoint``, or classification when there is none to read (a
+    missing or broken checkpoint is reported later, by ``load_model``)."""
+    if checkpoint is not None:
+        with contextlib.suppress(ToolError, OSError):
+            return load_checkpoint(checkpoint)["task"]
+    return "classification"
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Turn bad flag combinations into one-line usage errors before any work."""
+    args.task = args.task or task_of(args.checkpoint)
     args.attacks = parse_attack_list(args.attack, args.task, args.targeted)
     args.norm = attack_info(args.attacks[0]).norm
     args.eps_values = parse_eps_list(args.eps_list, args.norm)

@@ -42,7 +42,7 @@ def test_segmentation_sweep_with_three_attacks_writes_rows_figure_and_checklist(
                                                                                   make_segmentation_data):
     checkpoint = write_tiny_checkpoint(tmp_path / "seg.pt", "segmentation", make_segmentation_data())
     out = tmp_path / "out"
-    argv = ["--task", "segmentation", "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+    argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",  # the task: the checkpoint's
             "--attack", "pgd,segpgd,cospgd", "--eps-list", "0", "2/255", "8/255", "--steps", "2",
             "--check-limit", "4", "--splits", "test"]
     rc, lines = _run(sweep_cli, argv, capsys)
@@ -66,3 +66,12 @@ def test_segmentation_sweep_with_three_attacks_writes_rows_figure_and_checklist(
     again = json.loads((out / "results.json").read_text())
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(saved["rows"]) and "checks" not in again
+
+
+def test_a_task_flag_that_contradicts_the_checkpoint_is_one_line_error(tmp_path, capsys):
+    checkpoint = write_tiny_checkpoint(tmp_path / "seg.pt", "segmentation")
+    out = tmp_path / "out"
+    rc, lines = _run(sweep_cli, ["--task", "classification", "--checkpoint", str(checkpoint), "--out", str(out),
+                                 "--device", "cpu"], capsys)
+    assert rc == 1
+    _assert_one_error_line(lines, "is a segmentation model but --task is classification", "--task segmentation")
