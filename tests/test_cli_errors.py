@@ -86,13 +86,19 @@ TRAIN_USAGE = [
 ]
 
 
-@pytest.mark.parametrize("argv, fragments", SWEEP_USAGE)
-def test_sweep_usage_errors(tmp_path, capsys, argv, fragments):
+def assert_sweep_usage_error(tmp_path, capsys, argv: list[str], fragments: list[str]) -> None:
+    """main.py with ``argv`` (a missing checkpoint) exits 2 with one error line holding every
+    fragment, and never creates --out."""
     out = tmp_path / "out"
     rc, lines = _run(sweep_cli, ["--out", str(out), "--checkpoint", str(tmp_path / "none.pt"), *argv], capsys)
     assert rc == 2
     _assert_one_error_line(lines, *fragments)
     assert not out.exists(), "a usage error must not create the --out folder"
+
+
+@pytest.mark.parametrize("argv, fragments", SWEEP_USAGE)
+def test_sweep_usage_errors(tmp_path, capsys, argv, fragments):
+    assert_sweep_usage_error(tmp_path, capsys, argv, fragments)
 
 
 @pytest.mark.parametrize("argv, fragments", TRAIN_USAGE)

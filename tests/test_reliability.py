@@ -26,7 +26,7 @@ from checkpoint import load_checkpoint
 from conftest import write_tiny_checkpoint
 from files import atomic_torch_save, output_lock
 from run_folder import load_best
-from test_cli_errors import _assert_one_error_line, _run
+from test_cli_errors import _assert_one_error_line, _run, assert_sweep_usage_error
 from utils import CheckpointError, ToolError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,11 +318,7 @@ def test_train_flags_must_be_finite_and_in_range(tmp_path, capsys, argv, fragmen
 
 @pytest.mark.parametrize("argv, fragments", SWEEP_FLAGS, ids=[" ".join(argv) for argv, _ in SWEEP_FLAGS])
 def test_sweep_flags_must_be_finite_and_in_range(tmp_path, capsys, argv, fragments):
-    out = tmp_path / "out"
-    rc, lines = _run(sweep_cli, ["--out", str(out), "--checkpoint", str(tmp_path / "none.pt"), *argv], capsys)
-    assert rc == 2
-    _assert_one_error_line(lines, *fragments)
-    assert not out.exists()
+    assert_sweep_usage_error(tmp_path, capsys, argv, fragments)
 
 
 def test_batch_size_one_is_fine_where_batchnorm_sees_several_pixels():

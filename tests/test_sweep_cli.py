@@ -7,7 +7,7 @@ import pytest
 
 import main as sweep_cli
 from conftest import write_tiny_checkpoint
-from test_cli_errors import _assert_one_error_line, _run
+from test_cli_errors import _assert_one_error_line, _run, assert_sweep_usage_error
 from utils import cpu_has_native_bf16
 
 USAGE = [
@@ -31,11 +31,7 @@ USAGE = [
 
 @pytest.mark.parametrize("argv, fragments", USAGE)
 def test_attack_list_usage_errors_come_before_any_output(tmp_path, capsys, argv, fragments):
-    out = tmp_path / "out"
-    rc, lines = _run(sweep_cli, ["--out", str(out), "--checkpoint", str(tmp_path / "none.pt"), *argv], capsys)
-    assert rc == 2
-    _assert_one_error_line(lines, *fragments)
-    assert not out.exists()
+    assert_sweep_usage_error(tmp_path, capsys, argv, fragments)
 
 
 def test_segmentation_sweep_with_three_attacks_writes_rows_figure_and_checklist(tmp_path, capsys,
