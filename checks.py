@@ -34,7 +34,7 @@ from attacks import PGDSpec, build_attack
 from dataset import stratified_subset
 from engine import Engine, forward, per_sample_noise, predict, predictions_under_attack
 from splitdata import SplitSource, SubsetSplit
-from utils import compute_metrics, per_image_confusion, per_image_dice, primary_metric
+from utils import compute_metrics, lowest_dice_choice, per_image_confusion, primary_metric
 
 CHECK_EPS_MAX = 16 / 255
 LINF_CHECK_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
@@ -108,11 +108,10 @@ class _Subset:
         """Per sample, the worst prediction: a wrong class, or the lowest per-image mean Dice
         (the first listed on ties)."""
         if self.classification:
-            score = torch.stack([(pred == self.labels).float() for pred in preds])
+            worst = torch.stack([(pred == self.labels).float() for pred in preds]).argmin(0)
         else:
             num = len(self.settings.class_names)
-            score = torch.stack([per_image_dice(per_image_confusion(self.labels, pred, num)) for pred in preds])
-        worst = score.argmin(0)
+            worst = lowest_dice_choice([per_image_confusion(self.labels, pred, num) for pred in preds])
         return torch.stack(preds)[worst, torch.arange(len(worst))]
 
     def clean_metric(self) -> float:

@@ -38,7 +38,7 @@ from engine import (NORM_TOLERANCE, Engine, Finished, check_adversarial, per_sam
 from files import atomic_torch_save
 from outcomes import RowStats, example_indices, example_slots, merge_examples
 from splitdata import SplitSource
-from utils import ConfusionMatrix, DataError, compute_metrics, per_image_confusion, per_image_dice
+from utils import ConfusionMatrix, DataError, compute_metrics, lowest_dice_choice, per_image_confusion
 
 WORST = "worst"
 
@@ -334,7 +334,7 @@ class _SegmentationSweep(_SplitSweep):
             state["attacks"][name]["cms"].append(outcome[name]["cm"])
             state["attacks"][name]["flipped"].append(outcome[name]["flipped"])
             rows.append(self.row(state, name, eps, outcome[name]["cm"], outcome[name]["flipped"], stats[name]))
-        chosen = self.worst_choice([outcome[name]["cm"] for name in self.spec.attacks])
+        chosen = lowest_dice_choice([outcome[name]["cm"] for name in self.spec.attacks])
         if len(self.spec.attacks) > 1:
             rows.append(self.worst_row(state, eps, outcome, chosen, stats))
         shown = [outcome[self.spec.attacks[c]] for c in chosen[state["ex_index"]].tolist()]
@@ -364,16 +364,6 @@ class _SegmentationSweep(_SplitSweep):
 
         self.attack(name, eps, torch.arange(len(self.source)), emit)
         outcome["cm"] = cm
-
-    def worst_choice(self, cms: list[torch.Tensor]) -> torch.Tensor:
-        """Per image, the attack with the lowest mean Dice (the first listed on ties)."""
-        dice = torch.stack([per_image_dice(cm) for cm in cms])
-        chosen = torch.zeros(dice.shape[1], dtype=torch.long)
-        best = dice[0].clone()
-        for position in range(1, len(cms)):
-            lower = dice[position] < best
-            best[lower], chosen[lower] = dice[position][lower], position
-        return chosen
 
     def worst_row(self, state: dict, eps: float, outcome: dict, chosen: torch.Tensor,
                   stats: dict[str, RowStats]) -> dict:

@@ -281,6 +281,12 @@ def per_image_dice(cms: torch.Tensor) -> torch.Tensor:
     return torch.where(counted.any(1), mean, 1.0)
 
 
+def lowest_dice_choice(cms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per image, the index of the per-image confusion matrices (one stack per attack) with the
+    lowest mean Dice; the first listed wins ties."""
+    return torch.stack([per_image_dice(cm) for cm in cms]).argmin(0)
+
+
 def compute_metrics(task: str, cm: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> dict:
     if task == "classification":
         return classification_metrics(cm, class_names)

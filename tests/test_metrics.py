@@ -119,3 +119,12 @@ def test_undefined_scores_are_written_as_json_null(tmp_path):
     assert path.read_text().count("null") == 2
     import json
     assert json.loads(path.read_text()) == {"recall_basophil": None, "accuracy": 0.5, "rows": [None]}
+
+
+def test_lowest_dice_choice_picks_each_images_worst_attack_and_the_first_on_ties():
+    from utils import lowest_dice_choice
+    perfect = torch.tensor([[[5, 0], [0, 5]]])          # Dice 1
+    half = torch.tensor([[[0, 5], [0, 5]]])             # foreground Dice 2*5/(5+10) = 2/3
+    first = torch.cat([perfect, half, half])
+    second = torch.cat([half, perfect, half])
+    assert lowest_dice_choice([first, second]).tolist() == [1, 0, 0]
