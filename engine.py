@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from attacks import Attack, PGDSpec, fast_spec, pgd_loss, pgd_step, random_start_delta
+from model import fold_batchnorm
 from splitdata import SplitSource
 from utils import ToolError
 
@@ -45,6 +46,15 @@ class Engine:
     autocast: torch.dtype | None = None
     memory_format: torch.memory_format = torch.contiguous_format
     early_stop: bool = True
+    fold_batchnorm: bool = False
+
+
+def prepare_model(model: nn.Module, engine: Engine) -> nn.Module:
+    """The model as the engine runs it: in its memory format and, for the fast engine with
+    ``fold_batchnorm``, with the batch norms folded into the convolutions (a copy)."""
+    if engine.kind == "fast" and engine.fold_batchnorm:
+        model = fold_batchnorm(model)
+    return model.to(memory_format=engine.memory_format)
 
 
 # --------------------------------------------------------------------------- seeds and checks

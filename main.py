@@ -28,7 +28,7 @@ from checks import CheckSettings, run_checks
 from compare import compare, load_runs
 from dataset import CLASS_NAMES, build_splits
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown
-from engine import Engine
+from engine import Engine, prepare_model
 from files import output_lock
 from outcomes import gather_outcomes
 from report import Report, library_versions
@@ -82,6 +82,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="autocast for the attack's forward/backward; auto: bf16 where native, else fp32")
     parser.add_argument("--memory-format", default="channels_last", choices=list(MEMORY_FORMATS),
                         help="memory format of the fast engine's model and batches")
+    parser.add_argument("--no-fold-batchnorm", dest="fold_batchnorm", action="store_false",
+                        help="fast engine: keep the batch norms as layers (by default they are folded into the "
+                             "convolutions: the same function up to float rounding, 1.2-1.3x faster per step)")
     parser.add_argument("--no-early-stop", dest="early_stop", action="store_false",
                         help="fast engine: iterate every sample for all steps (as the library does)")
     parser.add_argument("--max-memory", type=float, default=4.0,
@@ -244,6 +247,7 @@ def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, engine:
         "eps_list": args.eps_values, "device": engine.device.type, "batch_size": args.batch_size,
         "engine": engine.kind, "precision": str(engine.autocast or torch.float32).replace("torch.", ""),
         "memory_format": args.memory_format, "early_stop": engine.early_stop,
+        "fold_batchnorm": engine.kind == "fast" and engine.fold_batchnorm,
         "per_sample_seeding": per_sample, "numbers_depend_on_batch_size": not all(per_sample.values()),
         "versions": library_versions(),
     }
@@ -267,7 +271,7 @@ def build_engine(args: argparse.Namespace, device: torch.device) -> Engine:
     return Engine(kind=args.engine, device=device, batch_size=args.batch_size,
                   autocast=resolve_precision(args.precision, device),
                   memory_format=MEMORY_FORMATS[args.memory_format] if args.engine == "fast" else torch.contiguous_format,
-                  early_stop=args.early_stop)
+                  early_stop=args.early_stop, fold_batchnorm=args.fold_batchnorm)
 
 
 def shard_of(dataset: Any, split: str, dist: Dist) -> tuple[Any, int]:
@@ -338,7 +342,7 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ckpt, model = load_model(args, engine.device)
-    model = model.to(memory_format=engine.memory_format)
+    model = prepare_model(model, engine)
     if args.data is None:
         args.data = (ckpt.get("args") or {}).get("data")
     num_classes = len(ckpt["class_names"])

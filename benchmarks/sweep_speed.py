@@ -6,7 +6,8 @@
 (a) the loop: for each eps, for each split, for each loader batch (decoded from disk),
     ``torchattacks.PGD`` on every sample, fp32, NCHW, then one forward to count;
 (b) the default engine of main.py: each split decoded once, packed batches, per-sample early
-    stop, channels_last, ``--precision auto``, the clean prediction computed once.
+    stop, channels_last, batch norms folded into the convolutions, ``--precision auto``, the
+    clean prediction computed once.
 Both run PGD-10 with alpha = 2.5*eps/steps and no random start, on the same checkpoint and
 splits. For each eps it prints both metrics, both times, their ratio and each side's peak
 RSS, and writes ``benchmarks/results/<machine>-<task>.json``. Not run by CI.
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from attacks import build_attack  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from dataset import build_splits, make_loader  # noqa: E402
-from engine import Engine  # noqa: E402
+from engine import Engine, prepare_model  # noqa: E402
 from splitdata import load_split  # noqa: E402
 from sweep import SweepSpec, run_split  # noqa: E402
 from utils import ConfusionMatrix, compute_metrics, parse_fraction, primary_metric, resolve_precision  # noqa: E402
@@ -48,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--no-fold-batchnorm", action="store_true", help="run the engine as main.py --no-fold-batchnorm")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>-<task>.json")
     return parser
 
@@ -106,8 +108,9 @@ def original_loop(model, datasets, task, class_names, eps_list, args, device) ->
 def default_engine(model, datasets, task, class_names, eps_list, args, device, image_size) -> list[dict]:
     """main.py's default: in-memory splits, fast engine, channels_last, auto precision."""
     engine = Engine(kind="fast", device=device, batch_size=args.batch_size,
-                    autocast=resolve_precision(args.precision, device), memory_format=torch.channels_last)
-    model = model.to(memory_format=engine.memory_format)
+                    autocast=resolve_precision(args.precision, device), memory_format=torch.channels_last,
+                    fold_batchnorm=not args.no_fold_batchnorm)
+    model = prepare_model(model, engine)
     spec = SweepSpec(task=task, class_names=class_names, eps_list=eps_list)
     seconds = {eps: 0.0 for eps in eps_list}
     metric: dict[float, dict] = {eps: {} for eps in eps_list}

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from model import DEPTHS, Normalize, UResNet, build_model
+from torch import nn
+
+from model import DEPTHS, Normalize, UResNet, build_model, fold_batchnorm
 from utils import UsageError
 
 
@@ -63,3 +65,43 @@ def test_normalize_changes_predictions_so_it_is_really_applied():
 def test_unknown_task_or_depth_is_a_usage_error(task, depth):
     with pytest.raises(UsageError):
         build_model(task, depth, 5)
+
+
+def with_random_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """Batch norms far from identity, so a missed or wrong fold shows in the logits."""
+    gen = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            for tensor, low, high in ((module.running_mean, -0.5, 0.5), (module.running_var, 0.3, 3.0),
+                                      (module.weight.data, 0.5, 1.5), (module.bias.data, -0.3, 0.3)):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) * (high - low) + low)
+    return model.eval()
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_folding_batchnorm_removes_every_batchnorm_and_keeps_the_function(task, depth):
+    torch.manual_seed(0)
+    model = with_random_batchnorm_statistics(build_model(task, depth, 5 if task == "classification" else 3))
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == batchnorms > 0  # original untouched
+    x = torch.rand(3, 3, 40, 40)
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert not any(p.requires_grad for p in folded.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_folding_batchnorm_gives_the_same_input_gradient_as_the_original():
+    torch.manual_seed(0)
+    model = with_random_batchnorm_statistics(build_model("classification", 18, 5))
+    x = torch.rand(2, 3, 32, 32)
+    grads = []
+    for net in (model, fold_batchnorm(model)):
+        xx = x.clone().requires_grad_(True)
+        net(xx)[:, 1].sum().backward()
+        grads.append(xx.grad)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-3, atol=1e-4 * grads[0].abs().max().item())

@@ -293,3 +293,16 @@ def test_resume_accepts_another_batch_size_only_where_numbers_do_not_depend_on_i
         "numbers_depend_on_batch_size"] is True
     with pytest.raises(ToolError, match=r"different config \(batch_size: 4 vs 3\)"):
         run_main(cli(*base, "--out", out, "--batch-size", "3", "--attack", "apgd", "--resume"))
+
+
+def test_folded_batchnorm_is_recorded_and_a_resume_must_match_it(tmp_path, checkpoint_file):
+    base = ["--checkpoint", checkpoint_file, "--device", "cpu", "--limit", "6", "--eps-list", "0", "2/255", "8/255",
+            "--steps", "3", "--no-checks", "--splits", "test", "--batch-size", "4"]
+    folded = run_main(cli(*base, "--out", tmp_path / "folded"))
+    plain = run_main(cli(*base, "--out", tmp_path / "plain", "--no-fold-batchnorm"))
+    assert folded.config["fold_batchnorm"] is True and plain.config["fold_batchnorm"] is False
+    assert [r["accuracy"] for r in folded.sorted_rows()] == [r["accuracy"] for r in plain.sorted_rows()]
+    with pytest.raises(ToolError, match=r"different config \(fold_batchnorm: True vs False\)"):
+        run_main(cli(*base, "--out", tmp_path / "folded", "--no-fold-batchnorm", "--resume"))
+    library = run_main(cli(*base, "--out", tmp_path / "library", "--engine", "library"))
+    assert library.config["fold_batchnorm"] is False
