@@ -9,12 +9,14 @@
     stop, channels_last, batch norms folded into the convolutions, ``--precision auto``, the
     clean prediction computed once.
 Both run PGD-10 with alpha = 2.5*eps/steps and no random start, on the same checkpoint and
-splits. For each eps it prints both metrics, both times, their ratio and each side's peak
-RSS, and writes ``benchmarks/results/<machine>-<task>.json``. Not run by CI.
+splits. For each eps it prints both metrics, both times and their ratio; then each side's
+peak RSS and its growth over the RSS it started from (each side starts from a trimmed heap).
+It writes ``benchmarks/results/<machine>-<task>.json``. Not run by CI.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import sys
@@ -63,15 +65,50 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    peak = _status_mb("VmHWM")
+    if peak is None:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak
+
+
+def rss_mb() -> float:
+    """The resident set now (Linux; elsewhere the peak, so growth reads 0)."""
+    now = _status_mb("VmRSS")
+    return peak_rss_mb() if now is None else now
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the kernel (glibc's malloc_trim; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_memory(run):
+    """``run()``'s result, its peak RSS and its growth: peak minus the RSS it started from.
+
+    Both sides start from a trimmed heap, so the second neither pays for nor reuses the pages
+    the allocator kept from the first; the growth is what a side adds on its own.
+    """
+    release_free_memory()
+    reset_peak_rss()
+    start = rss_mb()
+    result = run()
+    peak = peak_rss_mb()
+    return result, peak, peak - start
 
 
 def sync(device: torch.device) -> None:
@@ -80,9 +117,9 @@ def sync(device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- (a) the loop
-def original_loop(model, datasets, task, class_names, eps_list, args, device) -> list[dict]:
+def original_loop(ckpt, datasets, task, class_names, eps_list, args, device) -> list[dict]:
     """The obvious loop: every sample attacked at every eps, data decoded at every eps."""
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model_from_checkpoint(ckpt, device)
     rows = []
     for eps in eps_list:
         sync(device)
@@ -105,12 +142,12 @@ def original_loop(model, datasets, task, class_names, eps_list, args, device) ->
 
 
 # --------------------------------------------------------------------------- (b) the engine
-def default_engine(model, datasets, task, class_names, eps_list, args, device, image_size) -> list[dict]:
-    """main.py's default: in-memory splits, fast engine, channels_last, auto precision."""
+def default_engine(ckpt, datasets, task, class_names, eps_list, args, device, image_size) -> list[dict]:
+    """main.py's default: in-memory splits, fast engine, channels_last, folded batch norms, auto precision."""
     engine = Engine(kind="fast", device=device, batch_size=args.batch_size,
                     autocast=resolve_precision(args.precision, device), memory_format=torch.channels_last,
                     fold_batchnorm=not args.no_fold_batchnorm)
-    model = prepare_model(model, engine)
+    model = prepare_model(model_from_checkpoint(ckpt, device), engine)
     spec = SweepSpec(task=task, class_names=class_names, eps_list=eps_list)
     seconds = {eps: 0.0 for eps in eps_list}
     metric: dict[float, dict] = {eps: {} for eps in eps_list}
@@ -155,17 +192,16 @@ def main(args: argparse.Namespace) -> dict:
                             train_args.get("test_data"), image_size=ckpt["image_size"], seed=train_args.get("seed", 0),
                             skip_missing_masks=bool(train_args.get("skip_missing_masks", False)))
     datasets = {split: datasets[split] for split in args.splits}
-    model = model_from_checkpoint(ckpt, device)
-    with torch.no_grad():  # warm up kernels for both memory formats
+    with torch.no_grad():  # warm up kernels for both memory formats; each side then loads its own model
+        model = model_from_checkpoint(ckpt, device)
         warm = torch.rand(2, 3, ckpt["image_size"], ckpt["image_size"], device=device)
         model(warm), model.to(memory_format=torch.channels_last)(warm.contiguous(memory_format=torch.channels_last))
+        del model, warm
 
-    reset_peak_rss()
-    loop = original_loop(model, datasets, task, class_names, eps_list, args, device)
-    loop_peak = peak_rss_mb()
-    reset_peak_rss()
-    fast = default_engine(model, datasets, task, class_names, eps_list, args, device, ckpt["image_size"])
-    fast_peak = peak_rss_mb()
+    loop, loop_peak, loop_growth = measure_memory(
+        lambda: original_loop(ckpt, datasets, task, class_names, eps_list, args, device))
+    fast, fast_peak, fast_growth = measure_memory(
+        lambda: default_engine(ckpt, datasets, task, class_names, eps_list, args, device, ckpt["image_size"]))
 
     print(f"{task} on {', '.join(f'{s} ({len(d)})' for s, d in datasets.items())}, PGD-{args.steps}, "
           f"{machine_name(device)}")
@@ -176,12 +212,14 @@ def main(args: argparse.Namespace) -> dict:
               f"{b['seconds']:>8.1f} | {a['seconds'] / max(b['seconds'], 1e-9):.2f}x")
     total_loop, total_fast = sum(r["seconds"] for r in loop), sum(r["seconds"] for r in fast)
     print(f"total: loop {total_loop:.1f} s, engine {total_fast:.1f} s, ratio {total_loop / total_fast:.2f}x; "
-          f"peak RSS loop {loop_peak:.0f} MB, engine {fast_peak:.0f} MB")
+          f"peak RSS loop {loop_peak:.0f} MB, engine {fast_peak:.0f} MB; growth over each side's start "
+          f"loop {loop_growth:.0f} MB, engine {fast_growth:.0f} MB")
     result = {"task": task, "machine": machine_name(device), "device": str(device), "steps": args.steps,
               "batch_size": args.batch_size, "checkpoint": str(args.checkpoint),
               "splits": {s: len(d) for s, d in datasets.items()}, "torch": torch.__version__,
               "loop": loop, "engine": fast, "total_loop_s": total_loop, "total_engine_s": total_fast,
-              "ratio": total_loop / total_fast, "peak_rss_mb": {"loop": loop_peak, "engine": fast_peak}}
+              "ratio": total_loop / total_fast, "peak_rss_mb": {"loop": loop_peak, "engine": fast_peak},
+              "rss_growth_mb": {"loop": loop_growth, "engine": fast_growth}}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{machine_name(device)}-{task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
