@@ -8,7 +8,8 @@ Its fast engine runs the PGD family (PGD, PGDL2, BIM, FGSM, SegPGD, CosPGD; see
   is refilled at once (AutoAttack packs its robust samples the same way);
 * with a ``fooled_fn`` (classification), a sample stops at the first iterate that fools it
   and that iterate is kept;
-* the forward and backward may run under autocast (bf16/fp16), in channels_last;
+* the forward and backward may run under autocast (bf16/fp16), in channels_last, on a copy
+  of the model whose batch norms are folded into its convolutions (``prepare_model``);
 * every random start can be drawn from the sample's own seed (``per_sample_noise``), and a
   sample's loss is its own (never averaged over the batch), so its adversarial does not
   depend on which samples share its batch or its process.
