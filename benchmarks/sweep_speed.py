@@ -142,7 +142,7 @@ def original_loop(ckpt, datasets, task, class_names, eps_list, args, device) -> 
 
 
 # --------------------------------------------------------------------------- (b) the engine
-def default_engine(ckpt, datasets, task, class_names, eps_list, args, device, image_size) -> list[dict]:
+def default_engine(ckpt, datasets, task, class_names, eps_list, args, device) -> list[dict]:
     """main.py's default: in-memory splits, fast engine, channels_last, folded batch norms, auto precision."""
     engine = Engine(kind="fast", device=device, batch_size=args.batch_size,
                     autocast=resolve_precision(args.precision, device), memory_format=torch.channels_last,
@@ -154,7 +154,7 @@ def default_engine(ckpt, datasets, task, class_names, eps_list, args, device, im
     for split, dataset in datasets.items():
         sync(device)
         start = time.perf_counter()
-        source, _ = load_split(dataset, task=task, image_size=image_size, max_bytes=4 * 2**30,
+        source, _ = load_split(dataset, task=task, image_size=ckpt["image_size"], max_bytes=4 * 2**30,
                                pin=device.type == "cuda")
         seconds[eps_list[0]] += time.perf_counter() - start
 
@@ -201,7 +201,7 @@ def main(args: argparse.Namespace) -> dict:
     loop, loop_peak, loop_growth = measure_memory(
         lambda: original_loop(ckpt, datasets, task, class_names, eps_list, args, device))
     fast, fast_peak, fast_growth = measure_memory(
-        lambda: default_engine(ckpt, datasets, task, class_names, eps_list, args, device, ckpt["image_size"]))
+        lambda: default_engine(ckpt, datasets, task, class_names, eps_list, args, device))
 
     print(f"{task} on {', '.join(f'{s} ({len(d)})' for s, d in datasets.items())}, PGD-{args.steps}, "
           f"{machine_name(device)}")

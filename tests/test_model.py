@@ -1,7 +1,6 @@
 """Model shapes for every depth and odd input sizes, and the built-in Normalize layer."""
 import pytest
 import torch
-
 from torch import nn
 
 from model import DEPTHS, Normalize, UResNet, build_model, fold_batchnorm
