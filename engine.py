@@ -10,6 +10,9 @@ Its fast engine runs the PGD family (PGD, PGDL2, BIM, FGSM, SegPGD, CosPGD; see
   and that iterate is kept;
 * the forward and backward may run under autocast (bf16/fp16), in channels_last, on a copy
   of the model whose batch norms are folded into its convolutions (``prepare_model``);
+* without a random start, an untargeted L-inf attack's first step (the gradient at the clean
+  image) is the same at every eps, so ``FirstSteps`` keeps its sign from one eps to the next
+  and later eps start at step 1;
 * every random start can be drawn from the sample's own seed (``per_sample_noise``), and a
   sample's loss is its own (never averaged over the batch), so its adversarial does not
   depend on which samples share its batch or its process.
@@ -24,6 +27,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +52,7 @@ class Engine:
     memory_format: torch.memory_format = torch.contiguous_format
     early_stop: bool = True
     fold_batchnorm: bool = False
+    reuse_first_step: bool = True
 
 
 def prepare_model(model: nn.Module, engine: Engine) -> nn.Module:
@@ -127,6 +132,48 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> tor
 
 
 # --------------------------------------------------------------------------- running one attack
+class FirstSteps:
+    """Each sample's first L-inf step direction, kept from one eps of a sweep to the next.
+
+    Without a random start an untargeted PGD-family attack takes its first gradient at the
+    clean image, with a loss that does not depend on eps there (SegPGD's lambda_0 is 0 and
+    CosPGD's weights come from the clean logits), so the first step's direction, the sign of
+    that gradient, is the same at every eps. It is stored in two bits per value (a quarter of
+    the uint8 split) the first time it is computed; at later eps the sample starts at step 1.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.known = torch.zeros(size, dtype=torch.bool)
+        self._shape: tuple[int, ...] = ()
+        self._positive = self._negative = np.zeros((0, 0), np.uint8)
+
+    @staticmethod
+    def applies(spec: PGDSpec) -> bool:
+        return (spec.norm == "Linf" and not spec.random_start and not spec.targeted
+                and spec.loss in ("ce", "segpgd", "cospgd"))
+
+    def store(self, index: torch.Tensor, grad: torch.Tensor) -> None:
+        """Keep the signs of ``grad`` (N x C x H x W, any memory format) for samples ``index``."""
+        values = grad.detach().contiguous().flatten(1).cpu()
+        if not self._shape:
+            self._shape = tuple(grad.shape[1:])
+            width = (values.shape[1] + 7) // 8
+            self._positive = np.zeros((len(self.known), width), np.uint8)
+            self._negative = np.zeros((len(self.known), width), np.uint8)
+        rows = index.numpy()
+        self._positive[rows] = np.packbits((values > 0).numpy(), axis=1)
+        self._negative[rows] = np.packbits((values < 0).numpy(), axis=1)
+        self.known[index] = True
+
+    def signs(self, index: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+        """The stored signs (-1, 0 or 1, float) for samples ``index``, all of them known."""
+        count, rows = int(np.prod(self._shape)), index.numpy()
+        positive = np.unpackbits(self._positive[rows], axis=1, count=count)
+        negative = np.unpackbits(self._negative[rows], axis=1, count=count)
+        signs = torch.from_numpy(positive.astype(np.float32) - negative).view(len(rows), *self._shape)
+        return signs.to(device).contiguous(memory_format=memory_format)
+
+
 @dataclass
 class Finished:
     """Samples whose attack is over: indices (CPU) and tensors on the engine's device."""
@@ -172,12 +219,14 @@ class _Pool:
 def run_attack(model: nn.Module, source: SplitSource, index: torch.Tensor, atk: Attack, engine: Engine, *,
                goal_fn: Callable[[torch.Tensor], torch.Tensor], emit: Callable[[Finished], None],
                fooled_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-               noise_fn: Noise | None = None) -> None:
+               noise_fn: Noise | None = None, first_steps: FirstSteps | None = None) -> None:
     """Attack the samples ``index`` of ``source``; ``emit`` receives them as they finish.
 
     ``goal_fn`` maps targets to the labels the attack is given (targets when untargeted).
     ``fooled_fn(pred, targets, goals)`` enables the fast engine's early stop; ``noise_fn``
-    draws its random starts (default: the global torch stream, as torchattacks does).
+    draws its random starts (default: the global torch stream, as torchattacks does);
+    ``first_steps`` (indexed like ``source``, one per attack of a sweep) is read and filled
+    where ``FirstSteps.applies`` to the attack and the engine reuses first steps.
     """
     spec = fast_spec(atk) if engine.kind == "fast" else None
     if len(index) == 0:
@@ -188,20 +237,31 @@ def run_attack(model: nn.Module, source: SplitSource, index: torch.Tensor, atk: 
             adv = atk(clean, goal_fn(targets)).detach()
             emit(Finished(chunk, clean, adv, targets, predict(model, adv, engine.batch_size)))
         return
+    if not (engine.reuse_first_step and FirstSteps.applies(spec)):
+        first_steps = None
     _run_fast(model, source, index, spec, engine, goal_fn, emit, fooled_fn if engine.early_stop else None,
-              noise_fn or (lambda idx, s, shape: random_start_delta((len(idx), *shape), s)))
+              noise_fn or (lambda idx, s, shape: random_start_delta((len(idx), *shape), s)), first_steps)
 
 
-def _start(source: SplitSource, index: torch.Tensor, spec: PGDSpec, engine: Engine, goal_fn, noise_fn) -> _Pool:
+def _start(source: SplitSource, index: torch.Tensor, spec: PGDSpec, engine: Engine, goal_fn, noise_fn,
+           first_steps: FirstSteps | None) -> _Pool:
     clean, targets = source.batch(index, engine.device, engine.memory_format)
     adv = clean.clone()
     if spec.random_start:
         delta = noise_fn(index, spec, tuple(clean.shape[1:])).to(engine.device)
         adv = torch.clamp(adv + delta, min=0, max=1).contiguous(memory_format=engine.memory_format)
-    return _Pool(index, clean, adv, targets, goal_fn(targets), torch.zeros(len(index), dtype=torch.long))
+    step = torch.zeros(len(index), dtype=torch.long)
+    known = first_steps.known[index] if first_steps is not None else step.bool()
+    if known.any():  # their first step is the stored one: take it without a forward and backward
+        rows = known.to(engine.device)
+        signs = first_steps.signs(index[known], engine.device, engine.memory_format)
+        adv[rows] = pgd_step(clean[rows], clean[rows], signs, spec)
+        step[known] = 1
+    return _Pool(index, clean, adv, targets, goal_fn(targets), step)
 
 
-def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, fooled_fn) -> torch.Tensor:
+def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, fooled_fn,
+             first_steps: FirstSteps | None) -> torch.Tensor:
     """One forward/backward for every pooled sample; step the ones not yet fooled.
 
     Returns the mask of samples whose attack is over (fooled at their current iterate,
@@ -215,6 +275,9 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
     stop = torch.zeros(len(pool), dtype=torch.bool)
     if fooled_fn is not None:
         stop = fooled_fn(logits.detach().argmax(1), pool.targets, pool.goals).cpu()
+    fresh = (pool.step == 0) & ~stop
+    if first_steps is not None and fresh.any():
+        first_steps.store(pool.index[fresh], grad[fresh.to(grad.device)])
     if not stop.any():
         pool.adv = pgd_step(pool.adv, pool.clean, grad, spec)
     elif not stop.all():
@@ -225,7 +288,7 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
     return stop | (pool.step >= spec.steps)
 
 
-def _run_fast(model, source, index, spec, engine, goal_fn, emit, fooled_fn, noise_fn) -> None:
+def _run_fast(model, source, index, spec, engine, goal_fn, emit, fooled_fn, noise_fn, first_steps) -> None:
     pool: _Pool | None = None
     done: list[_Pool] = []
     position = 0
@@ -241,17 +304,17 @@ def _run_fast(model, source, index, spec, engine, goal_fn, emit, fooled_fn, nois
     while position < len(index) or pool is not None:
         room = engine.batch_size - (len(pool) if pool is not None else 0)
         if room > 0 and position < len(index):
-            new = _start(source, index[position:position + room], spec, engine, goal_fn, noise_fn)
+            new = _start(source, index[position:position + room], spec, engine, goal_fn, noise_fn, first_steps)
             position += len(new)
             pool = new if pool is None else pool.extend(new, engine.memory_format)
-        finished = _advance(model, pool, spec, engine, fooled_fn)
+        finished = pool.step >= spec.steps  # a stored first step was the last (FGSM)
+        if not finished.any():
+            finished = _advance(model, pool, spec, engine, fooled_fn, first_steps)
         if finished.any():
             done.append(pool.select(finished, engine.memory_format))
             pool = pool.select(~finished, engine.memory_format) if not finished.all() else None
         if done and (sum(len(p) for p in done) >= engine.batch_size or pool is None):
             flush()
-
-
 
 
 def predictions_under_attack(model: nn.Module, source: SplitSource, index: torch.Tensor, atk: Attack,

@@ -18,6 +18,7 @@ class SplitSource:
     """What the sweep needs from a split: its size, class labels and batches by index."""
 
     labels: list[int]
+    in_memory: bool = True  # False when every access reads the dataset again
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,6 +62,8 @@ class TensorSplit(SplitSource):
 
 class DatasetSplit(SplitSource):
     """A split read from its dataset at every access (for splits too large to hold)."""
+
+    in_memory = False
 
     def __init__(self, dataset: Dataset, workers: int = 0) -> None:
         self.dataset, self.workers = dataset, workers
@@ -115,7 +118,7 @@ class SubsetSplit(SplitSource):
     """The samples ``indices`` of another split (e.g. the checklist's stratified subset)."""
 
     def __init__(self, source: SplitSource, indices: Sequence[int]) -> None:
-        self.source = source
+        self.source, self.in_memory = source, source.in_memory
         self.indices = torch.as_tensor(list(indices), dtype=torch.long)
         self.labels = [source.labels[i] for i in self.indices.tolist()]
 

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from attacks import Attack
 from distributed import Dist
-from engine import (NORM_TOLERANCE, Engine, Finished, check_adversarial, per_sample_noise, perturbation_norms,
-                    predict, row_seed, run_attack)
+from engine import (NORM_TOLERANCE, Engine, Finished, FirstSteps, check_adversarial, per_sample_noise,
+                    perturbation_norms, predict, row_seed, run_attack)
 from files import atomic_torch_save
 from outcomes import RowStats, example_indices, example_slots, merge_examples
 from splitdata import SplitSource
@@ -94,6 +94,7 @@ class _SplitSweep:
         self.make_attack, self.on_row, self.state_path = make_attack, on_row, state_path
         self.dist, self.offset = dist, offset
         self.target_fn = target_fn if spec.targeted else (lambda targets: targets)
+        self.first_steps = {name: FirstSteps(len(source)) for name in spec.attacks} if source.in_memory else {}
 
     def run(self, state: dict | None) -> dict:
         first_extra = 0.0
@@ -146,8 +147,8 @@ class _SplitSweep:
                 bar.update(len(done.index))
 
             run_attack(self.model, self.source, index, atk, self.engine, goal_fn=self.target_fn, emit=counted,
-                       fooled_fn=fooled_fn,
-                       noise_fn=per_sample_noise(self.spec.seed, self.split, name, self.offset))
+                       fooled_fn=fooled_fn, noise_fn=per_sample_noise(self.spec.seed, self.split, name, self.offset),
+                       first_steps=self.first_steps.get(name))
 
     def head(self, attack: str, eps: float) -> dict:
         return {"split": self.split, "attack": attack, "eps": eps, "n": int(self.dist.sum_float(len(self.source)))}

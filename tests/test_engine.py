@@ -1,13 +1,15 @@
 """The fast engine (engine.py) against torchattacks, and the in-memory splits it reads."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torchattacks
 
 import utils
-from attacks import build_attack
-from engine import Engine, Finished, forward, per_sample_noise, run_attack
+from attacks import PGDSpec, build_attack
+from engine import Engine, Finished, FirstSteps, forward, per_sample_noise, run_attack
 from splitdata import DatasetSplit, InMemorySplit, TensorSplit, load_split, preload
 from sweep import SweepSpec, run_split
 from test_attacks import CLASS_NAMES, SEG_NAMES, segmentation_images, separable_images, tiny_classifier, \
@@ -128,6 +130,52 @@ def test_tables_do_not_depend_on_the_batch_size(task, classifier, segmenter):
     source = TensorSplit(images, targets)
     tables = [sweep_rows(model, source, Engine(batch_size=size), task=task) for size in (16, 5, 3)]
     assert tables[0] == tables[1] == tables[2]
+
+
+def gradient_passes(model, run):
+    """``run()`` and the number of samples ``model`` saw with gradients on."""
+    seen = []
+    handle = model.register_forward_hook(
+        lambda module, inputs, output: seen.append(len(inputs[0]) if torch.is_grad_enabled() else 0))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return result, sum(seen)
+
+
+@pytest.mark.parametrize("task, attack", [("classification", "pgd"), ("classification", "fgsm"),
+                                          ("segmentation", "segpgd"), ("segmentation", "cospgd")])
+def test_reusing_the_first_step_keeps_the_table_and_saves_gradient_passes(task, attack, classifier, segmenter):
+    model, images, targets = classifier if task == "classification" else segmenter
+    source = TensorSplit(images, targets)
+    runs = {reuse: gradient_passes(model, lambda reuse=reuse: sweep_rows(
+        model, source, Engine(batch_size=16, reuse_first_step=reuse), attack=attack, task=task, random_start=False))
+        for reuse in (False, True)}
+    (table, passes), (table_reused, passes_reused) = runs[False], runs[True]
+    assert table_reused == table
+    assert passes_reused < passes
+    if attack == "fgsm":  # one step: only the first attacked eps (every clean-correct sample) computes gradients
+        assert passes_reused == round(table[0]["accuracy"] * len(images))
+
+
+def test_first_steps_keep_every_sign_whatever_the_memory_format():
+    grad = torch.randn(4, 3, 5, 7)
+    grad[0, 0, 0, :3] = 0
+    steps = FirstSteps(10)
+    steps.store(torch.tensor([7, 2, 9, 0]), grad.contiguous(memory_format=torch.channels_last))
+    assert steps.known.nonzero().flatten().tolist() == [0, 2, 7, 9]
+    signs = steps.signs(torch.tensor([7, 0]), torch.device("cpu"), torch.channels_last)
+    assert signs.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(signs, grad[[0, 3]].sign())
+
+
+def test_first_steps_apply_only_where_the_first_gradient_does_not_depend_on_eps():
+    base = PGDSpec("Linf", eps=8 / 255, alpha=2 / 255, steps=10)
+    assert all(FirstSteps.applies(replace(base, loss=loss)) for loss in ("ce", "segpgd", "cospgd"))
+    for other in (replace(base, random_start=True), replace(base, targeted=True), replace(base, norm="L2"),
+                  replace(base, loss="kl")):
+        assert not FirstSteps.applies(other), other
 
 
 def test_per_sample_noise_depends_on_the_sample_not_its_batch():
