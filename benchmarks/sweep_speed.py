@@ -7,7 +7,7 @@
     ``torchattacks.PGD`` on every sample, fp32, NCHW, then one forward to count;
 (b) the default engine of main.py: each split decoded once, packed batches, per-sample early
     stop, channels_last, batch norms folded into the convolutions, ``--precision auto``, the
-    clean prediction computed once.
+    clean prediction and each sample's first step computed once.
 Both run PGD-10 with alpha = 2.5*eps/steps and no random start, on the same checkpoint and
 splits. For each eps it prints both metrics, both times and their ratio; then each side's
 peak RSS and its growth over the RSS it started from (each side starts from a trimmed heap).
