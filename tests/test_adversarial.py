@@ -208,8 +208,8 @@ def test_sigkill_mid_epoch_then_resume_with_adv_matches_the_uninterrupted_run(tm
     data = make_classification_data(COUNTS)
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    subprocess.run(_command(data, full), cwd=ROOT, env=env, check=True, capture_output=True)
-
+    uninterrupted = subprocess.Popen(_command(data, full), cwd=ROOT, env=env,  # runs beside the crash
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = subprocess.Popen(_command(data, crashed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     last = crashed / "checkpoints" / "last.pt"
@@ -225,6 +225,7 @@ def test_sigkill_mid_epoch_then_resume_with_adv_matches_the_uninterrupted_run(tm
     resumed = subprocess.run(_command(data, crashed, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "at epoch 2" in resumed.stdout
+    assert uninterrupted.wait() == 0
     metrics = [json.loads((out / "metrics.json").read_text()) for out in (full, crashed)]
     for m in metrics:
         m.pop("train_seconds")

@@ -89,6 +89,8 @@ def finished_rows(out: Path) -> list[dict]:
 def test_sigkilled_sweep_resumes_to_the_uninterrupted_table(tmp_path, segmentation_checkpoint):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_out, full_out = tmp_path / "killed", tmp_path / "full"
+    uninterrupted = subprocess.Popen(sweep_command(segmentation_checkpoint, full_out), cwd=tmp_path, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # runs beside the kill
     proc = subprocess.Popen(sweep_command(segmentation_checkpoint, killed_out), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -100,8 +102,7 @@ def test_sigkilled_sweep_resumes_to_the_uninterrupted_table(tmp_path, segmentati
     assert 2 <= len(finished_rows(killed_out)) < 2 * 3 * len(EPS)
     subprocess.run(sweep_command(segmentation_checkpoint, killed_out, "--resume"), cwd=tmp_path, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run(sweep_command(segmentation_checkpoint, full_out), cwd=tmp_path, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert uninterrupted.wait() == 0
     resumed, full = finished_rows(killed_out), finished_rows(full_out)
     assert len(full) == 2 * 3 * len(EPS) and {row["attack"] for row in full} == {"pgd", "segpgd", "worst"}
     assert without_seconds(resumed) == without_seconds(full)

@@ -32,8 +32,8 @@ def _env():
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_synthetic_root):
     data = tiny_synthetic_root / "Train"
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    subprocess.run(_command(data, full), cwd=ROOT, env=_env(), check=True, capture_output=True)
-
+    uninterrupted = subprocess.Popen(_command(data, full), cwd=ROOT, env=_env(),  # runs beside the crash
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = subprocess.Popen(_command(data, crashed), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = crashed / "checkpoints" / "last.pt"
@@ -52,6 +52,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at epoch {killed_at + 1}" in resumed.stdout
+    assert uninterrupted.wait() == 0
     assert _metrics(crashed) == _metrics(full)
     full_ckpt = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
     resumed_ckpt = torch.load(last, weights_only=True)
