@@ -30,15 +30,18 @@ class Killed(Exception):
     pass
 
 
-def test_resumed_split_state_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("random_start", [True, False])
+def test_resumed_split_state_is_bit_identical(tmp_path, random_start):
+    """With random starts the per-sample and per-row seeds make resuming exact; without, the
+    resumed run recomputes the first steps that the uninterrupted one kept from earlier eps."""
     images, labels = separable_images(n=24, seed=3)
     model = train(tiny_classifier(), *separable_images(n=60), steps=40)
     loader = TensorSplit(images, labels)
     spec = SweepSpec(task="classification", class_names=CLASS_NAMES, eps_list=EPS, attacks=("pgd", "apgd"),
                      fingerprint=config_fingerprint({"attacks": ["pgd", "apgd"]}))
 
-    def make_attack(name, eps):  # random starts: the per-sample and per-row seeds make resuming exact
-        return build_attack(name, model, eps, steps=3, alpha=eps, random_start=True, num_classes=5)
+    def make_attack(name, eps):
+        return build_attack(name, model, eps, steps=3, alpha=eps, random_start=random_start, num_classes=5)
 
     def run(state_dir, resume=False, stop_after=None):
         rows = []
@@ -56,7 +59,7 @@ def test_resumed_split_state_is_bit_identical(tmp_path):
         return rows
 
     full = run(tmp_path / "full")
-    run(tmp_path / "part", stop_after=3)
+    run(tmp_path / "part", stop_after=6)  # after 1/255: the resume starts at 2/255
     assert (tmp_path / "part" / "val.pt").is_file()
     resumed = run(tmp_path / "part", resume=True)
     assert without_seconds(resumed) == without_seconds(full)
