@@ -275,9 +275,10 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
     stop = torch.zeros(len(pool), dtype=torch.bool)
     if fooled_fn is not None:
         stop = fooled_fn(logits.detach().argmax(1), pool.targets, pool.goals).cpu()
-    fresh = (pool.step == 0) & ~stop
-    if first_steps is not None and fresh.any():
-        first_steps.store(pool.index[fresh], grad[fresh.to(grad.device)])
+    if first_steps is not None:
+        fresh = (pool.step == 0) & ~stop
+        if fresh.any():
+            first_steps.store(pool.index[fresh], grad[fresh.to(grad.device)])
     if not stop.any():
         pool.adv = pgd_step(pool.adv, pool.clean, grad, spec)
     elif not stop.all():

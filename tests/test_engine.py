@@ -179,8 +179,6 @@ def test_first_steps_apply_only_where_the_first_gradient_does_not_depend_on_eps(
 
 
 def test_per_sample_noise_depends_on_the_sample_not_its_batch():
-    from attacks import PGDSpec
-
     draw = per_sample_noise(0, "test", "pgd")
     spec = PGDSpec("Linf", 8 / 255, 2 / 255, 3, random_start=True)
     together = draw(torch.tensor([4, 9, 2]), spec, (3, 4, 4))
