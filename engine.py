@@ -7,7 +7,7 @@ Its fast engine runs the PGD family (PGD, PGDL2, BIM, FGSM, SegPGD, CosPGD; see
 * the samples still to attack are packed into full batches, and a finished sample's slot
   is refilled at once (AutoAttack packs its robust samples the same way);
 * with a ``fooled_fn`` (classification), a sample stops at the first iterate that fools it
-  and that iterate is kept;
+  (by the counted fp32 prediction, also under autocast) and that iterate is kept;
 * the forward and backward may run under autocast (bf16/fp16), in channels_last, on a copy
   of the model whose batch norms are folded into its convolutions (``prepare_model``);
 * without a random start, an untargeted L-inf attack's first step (the gradient at the clean
@@ -275,6 +275,8 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
     stop = torch.zeros(len(pool), dtype=torch.bool)
     if fooled_fn is not None:
         stop = fooled_fn(logits.detach().argmax(1), pool.targets, pool.goals).cpu()
+        if engine.autocast is not None and stop.any():
+            stop = _fooled_in_fp32(model, pool, stop, fooled_fn, engine.batch_size)
     if first_steps is not None:
         fresh = (pool.step == 0) & ~stop
         if fresh.any():
@@ -287,6 +289,19 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
         pool.adv[move] = pgd_step(pool.adv[move], pool.clean[move], grad[move], spec)
     pool.step = pool.step + (~stop).long()
     return stop | (pool.step >= spec.steps)
+
+
+def _fooled_in_fp32(model: nn.Module, pool: _Pool, flagged: torch.Tensor, fooled_fn, batch_size: int) -> torch.Tensor:
+    """The flagged samples that are fooled by the counted (fp32) prediction too.
+
+    Autocast logits can flip a prediction near the decision boundary; a sample stopped on
+    such a flip would be counted as robust without being attacked further at this eps.
+    """
+    rows = flagged.nonzero().flatten()
+    on = rows.to(pool.adv.device)
+    confirmed = flagged.clone()
+    confirmed[rows] = fooled_fn(predict(model, pool.adv[on], batch_size), pool.targets[on], pool.goals[on]).cpu()
+    return confirmed
 
 
 def _run_fast(model, source, index, spec, engine, goal_fn, emit, fooled_fn, noise_fn, first_steps) -> None:

@@ -196,6 +196,32 @@ def test_bf16_autocast_keeps_the_budget_and_counts_an_fp32_prediction(classifier
         assert torch.equal(pred, model(adv).argmax(1))
 
 
+class NearTie(torch.nn.Module):
+    """Label 1 iff the first pixel is above 0.5; its logits, 1 + (1 - x) / 4 and 1 + x / 4, go
+    through a matmul that autocast runs in bf16, where x = 0.505 rounds them to a tie."""
+
+    def forward(self, x):
+        v = x[:, 0, 0, 0:1]
+        logits = torch.cat([1 + 0.25 * (1 - v), 1 + 0.25 * v], 1)
+        return logits @ torch.eye(2, dtype=x.dtype)
+
+
+def test_bf16_early_stop_trusts_only_the_fp32_prediction():
+    """A bf16 tie flags the clean image as fooled; the fp32 prediction is still right, so the
+    attack must go on (and then fools it) rather than stop and count it as robust."""
+    model = NearTie().eval()
+    images = torch.full((1, 3, 2, 2), 0.5)
+    images[:, 0, 0, 0] = 0.505
+    labels = torch.ones(1, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(images).argmax(1).item() != 1  # the tie this test is about
+    atk = torchattacks.PGD(model, eps=0.03, alpha=0.003, steps=10, random_start=False)
+    adv, pred = fast_adversarials(model, images, labels, atk, fooled=lambda p, t, g: p != t,
+                                  autocast=torch.bfloat16)
+    assert pred.item() == 0 and model(adv).argmax(1).item() == 0
+    assert 0.005 < (images - adv).abs().max().item() <= 0.03 + 1e-6  # stepped past 0.5
+
+
 def test_precision_flags(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
