@@ -34,7 +34,7 @@ from attacks import PGDSpec, build_attack
 from dataset import stratified_subset
 from engine import Engine, forward, per_sample_noise, predict, predictions_under_attack
 from splitdata import SplitSource, SubsetSplit
-from utils import compute_metrics, lowest_dice_choice, per_image_confusion, primary_metric
+from utils import compute_metrics, per_image_confusion, primary_metric, worst_case_choice
 
 CHECK_EPS_MAX = 16 / 255
 LINF_CHECK_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
@@ -105,13 +105,13 @@ class _Subset:
         return compute_metrics("segmentation", cm, self.settings.class_names)["dice_mean"]
 
     def worst_pred(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per sample, the worst prediction: a wrong class, or the lowest per-image mean Dice
-        (the first listed on ties)."""
+        """Per sample, the worst prediction: a wrong class, or the one that
+        :func:`utils.worst_case_choice` takes to lower the split's Dice."""
         if self.classification:
             worst = torch.stack([(pred == self.labels).float() for pred in preds]).argmin(0)
         else:
             num = len(self.settings.class_names)
-            worst = lowest_dice_choice([per_image_confusion(self.labels, pred, num) for pred in preds])
+            worst = worst_case_choice([per_image_confusion(self.labels, pred, num) for pred in preds])
         return torch.stack(preds)[worst, torch.arange(len(worst))]
 
     def clean_metric(self) -> float:

@@ -38,7 +38,7 @@ from engine import (NORM_TOLERANCE, Engine, Finished, FirstSteps, check_adversar
 from files import atomic_torch_save
 from outcomes import RowStats, example_indices, example_slots, merge_examples
 from splitdata import SplitSource
-from utils import ConfusionMatrix, DataError, compute_metrics, lowest_dice_choice, per_image_confusion
+from utils import ConfusionMatrix, DataError, compute_metrics, per_image_confusion, worst_case_choice
 
 WORST = "worst"
 
@@ -335,8 +335,9 @@ class _SegmentationSweep(_SplitSweep):
             state["attacks"][name]["cms"].append(outcome[name]["cm"])
             state["attacks"][name]["flipped"].append(outcome[name]["flipped"])
             rows.append(self.row(state, name, eps, outcome[name]["cm"], outcome[name]["flipped"], stats[name]))
-        chosen = lowest_dice_choice([outcome[name]["cm"] for name in self.spec.attacks])
+        chosen = torch.zeros(n, dtype=torch.long)
         if len(self.spec.attacks) > 1:
+            chosen = self.worst_choice([outcome[name]["cm"] for name in self.spec.attacks])
             rows.append(self.worst_row(state, eps, outcome, chosen, stats))
         shown = [outcome[self.spec.attacks[c]] for c in chosen[state["ex_index"]].tolist()]
         adv = torch.stack([o["ex_adv"][i] for i, o in enumerate(shown)]) if k else state["examples"]["original"]
@@ -365,6 +366,13 @@ class _SegmentationSweep(_SplitSweep):
 
         self.attack(name, eps, torch.arange(len(self.source)), emit)
         outcome["cm"] = cm
+
+    def worst_choice(self, cms: list[torch.Tensor]) -> torch.Tensor:
+        """This shard's part of the worst-case choice, made over the whole split (every rank
+        makes the same one), so the table does not depend on the number of processes."""
+        parts = self.dist.gather(cms)
+        whole = [torch.cat([part[a] for part in parts]) for a in range(len(cms))]
+        return worst_case_choice(whole)[self.offset:self.offset + len(self.source)]
 
     def worst_row(self, state: dict, eps: float, outcome: dict, chosen: torch.Tensor,
                   stats: dict[str, RowStats]) -> dict:

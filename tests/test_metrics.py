@@ -128,3 +128,52 @@ def test_lowest_dice_choice_picks_each_images_worst_attack_and_the_first_on_ties
     first = torch.cat([perfect, half, half])
     second = torch.cat([half, perfect, half])
     assert lowest_dice_choice([first, second]).tolist() == [1, 0, 0]
+
+
+def image_cm(cytoplasm_hit, cytoplasm_miss, nucleus_hit, nucleus_miss):
+    """One image's confusion matrix (rows: truth, columns: prediction; misses go to background)."""
+    return torch.tensor([[100, 0, 0], [cytoplasm_miss, cytoplasm_hit, 0], [nucleus_miss, 0, nucleus_hit]])
+
+
+def test_worst_case_choice_lowers_the_split_dice_where_the_per_image_rule_does_not():
+    """Attack a loses image 0's one-pixel nucleus (per-image Dice 0.5), attack b 30 of its 60
+    cytoplasm pixels (0.83): the per-image rule takes a, yet b lowers the pooled Dice far more."""
+    from utils import lowest_dice_choice, worst_case_choice
+
+    other = image_cm(30, 0, 50, 0)
+    attack_a = torch.stack([image_cm(60, 0, 0, 1), other])
+    attack_b = torch.stack([image_cm(30, 30, 1, 0), other])
+
+    def split_dice(choice):
+        total = torch.stack([(attack_a, attack_b)[a][i] for i, a in enumerate(choice.tolist())]).sum(0)
+        return segmentation_metrics(total)["dice_mean"]
+
+    assert lowest_dice_choice([attack_a, attack_b]).tolist() == [0, 0]
+    per_image, only_b = split_dice(torch.tensor([0, 0])), split_dice(torch.tensor([1, 1]))
+    assert per_image > only_b  # the old rule's "worst" was above attack b's own row
+    choice = worst_case_choice([attack_a, attack_b])
+    assert choice[0] == 1 and split_dice(choice) == pytest.approx(only_b)
+
+
+def test_worst_case_choice_is_a_local_optimum_below_every_start_on_random_splits():
+    import itertools
+
+    from utils import lowest_dice_choice, worst_case_choice
+
+    gen = torch.Generator().manual_seed(0)
+    reached_optimum = 0
+    for _ in range(40):
+        cms = [torch.randint(0, 6, (6, 3, 3), generator=gen) for _ in range(3)]
+
+        def split_dice(choice):
+            return segmentation_metrics(sum(cms[a][i] for i, a in enumerate(choice)))["dice_mean"]
+
+        choice = tuple(worst_case_choice(cms).tolist())
+        value = split_dice(choice)
+        starts = [(a,) * 6 for a in range(3)] + [tuple(lowest_dice_choice(cms).tolist())]
+        assert value <= min(split_dice(start) for start in starts) + 1e-12
+        for i, a in itertools.product(range(6), range(3)):
+            assert split_dice(choice[:i] + (a,) + choice[i + 1:]) >= value - 1e-12
+        optimum = min(split_dice(c) for c in itertools.product(range(3), repeat=6))
+        reached_optimum += value == pytest.approx(optimum, abs=1e-12)
+    assert reached_optimum >= 30  # a local search, yet it finds the brute-force optimum mostly
