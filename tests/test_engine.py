@@ -264,3 +264,22 @@ def test_the_budget_tolerance_follows_the_dtype():
         check_adversarial(images, (images + 8 / 255 + 2 ** -6).bfloat16(), 8 / 255, "Linf", "x")
     with pytest.raises(ToolError, match="exceeded its budget"):
         check_adversarial(images, images + 8 / 255 + 2 ** -9, 8 / 255, "Linf", "x")
+
+
+@pytest.mark.parametrize("eps", [1.0, 2.0, 5.0])
+def test_an_l2_attack_on_a_large_image_passes_its_budget_check(eps):
+    """fp32 rounding of the L2 projection and norm grows with eps and the image (3 x 128 x 128
+    here lands a few 1e-6 above eps); a fixed 1e-6 tolerance refused legitimate sweeps."""
+    from engine import ToolError, check_adversarial, perturbation_norms
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    images = torch.rand(8, 3, 128, 128) * 0.5 + 0.25
+    labels = model(images).argmax(1).detach()
+    for kind in ("fast", "library"):
+        atk = build_attack("pgdl2", model, eps, steps=5, alpha=eps)
+        adv, _ = fast_adversarials(model, images, labels, atk) if kind == "fast" else (atk(images, labels), None)
+        check_adversarial(images, adv, eps, "L2", "pgdl2")
+        assert perturbation_norms(adv - images, "L2").max() <= eps * (1 + 1e-5)
+    with pytest.raises(ToolError, match="exceeded its budget"):
+        check_adversarial(images, images + (eps * 1.001) / (3 * 128 * 128) ** 0.5, eps, "L2", "x")
