@@ -118,12 +118,18 @@ class _Subset:
         return self.metric_of(self.clean_pred)
 
     def attacked_pred(self, name: str, eps: float, *, steps: int | None = None, random_start: bool | None = None,
-                      tag: str = "", only: torch.Tensor | None = None) -> torch.Tensor:
-        """Predictions after attack ``name`` (untargeted) on the samples ``only`` (default:
-        all); clean-wrong classification samples are never attacked."""
+                      tag: str = "", only: torch.Tensor | None = None, scaled_step: bool = False) -> torch.Tensor:
+        """Predictions after attack ``name`` (untargeted, L-inf) on the samples ``only``
+        (default: all); clean-wrong classification samples are never attacked.
+
+        The step is the sweep's ``--alpha`` where it has one for L-inf, so checks compare like
+        with like; else, and with ``scaled_step``, 2.5 * eps / steps (an L2 sweep's step means
+        nothing in L-inf, and a step sized for the swept eps cannot travel to eps = 1).
+        """
         s = self.settings
         steps = steps or s.steps
-        alpha = s.alpha if s.alpha is not None else 2.5 * eps / steps
+        own = s.alpha is not None and s.norm == "Linf" and not scaled_step
+        alpha = s.alpha if own else 2.5 * eps / steps
         atk = build_attack(name, self.model, eps, steps=steps, alpha=alpha, num_classes=len(s.class_names),
                            random_start=s.random_start if random_start is None else random_start, seed=s.seed)
         chosen = torch.ones(len(self.source), dtype=torch.bool) if only is None else only
@@ -167,7 +173,8 @@ def check_unbounded(subset: _Subset, key: str) -> Check:
     """Classification: PGD at eps = 1. Segmentation: per image the worse of PGD and CosPGD, since
     neither dominates (CosPGD wins on the real UResNet18, PGD on small toy segmenters)."""
     attacks = ("pgd",) if subset.classification else ("pgd", "cospgd")
-    value = subset.metric_of(subset.worst_pred([subset.attacked_pred(name, 1.0) for name in attacks]))
+    value = subset.metric_of(subset.worst_pred([subset.attacked_pred(name, 1.0, scaled_step=True)
+                                                for name in attacks]))
     limit = 0.01 if subset.classification else 0.1
     return Check("b", "unbounded budget", _verdict(value <= limit), value,
                  f"{key} under {' + '.join(attacks)} at L-inf eps = 1 (must be <= {limit}); "

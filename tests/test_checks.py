@@ -28,14 +28,15 @@ def classifier():
     return train(tiny_classifier(), *separable_images())
 
 
-def checklist(model, images, targets, task="classification", eps_list=EPS, limit=24):
+def checklist(model, images, targets, task="classification", eps_list=EPS, limit=24, alpha=None):
     names = CLASS_NAMES if task == "classification" else SEG_NAMES
     source, rows = TensorSplit(images, targets), []
     spec = SweepSpec(task=task, class_names=names, eps_list=eps_list)
     state = run_split(model, source, spec, Engine(batch_size=16), split="test", on_row=rows.append,
-                      make_attack=lambda n, e: build_attack(n, model, e, steps=4, alpha=2.5 * e / 4,
+                      make_attack=lambda n, e: build_attack(n, model, e, steps=4, alpha=alpha or 2.5 * e / 4,
                                                             num_classes=len(names)))
-    settings = CheckSettings(task=task, class_names=names, eps_list=eps_list, steps=4, limit=limit, square_queries=100)
+    settings = CheckSettings(task=task, class_names=names, eps_list=eps_list, steps=4, limit=limit, square_queries=100,
+                             alpha=alpha)
     lines = []
     checks = run_checks(model, source, settings, Engine(batch_size=16), rows, split="test", sweep_state=state,
                         on_line=lines.append)
@@ -51,6 +52,13 @@ def test_a_healthy_classifier_passes(classifier):
         assert checks[key]["status"] == "PASS", checks[key]
     assert checks["b"]["value"] <= 0.01 and checks["g"]["value"] == 0
     assert all(check["status"] in ("PASS", "WARN") for check in checks.values())
+
+
+def test_the_unbounded_check_is_not_held_back_by_the_sweeps_alpha(classifier):
+    """With --alpha 1/255, PGD-4 at eps = 1 could move 4/255 only and flag a healthy model."""
+    images, labels = separable_images(n=40, seed=4)
+    checks = checklist(classifier, images, labels, alpha=1 / 255)
+    assert checks["b"]["status"] == "PASS" and checks["b"]["value"] <= 0.01
 
 
 def test_a_quantising_input_layer_is_flagged(classifier):
