@@ -33,7 +33,7 @@ from files import output_lock
 from outcomes import gather_outcomes
 from report import Report, library_versions
 from splitdata import load_split
-from sweep import SweepSpec, run_split
+from sweep import WORST_CASE_RULE, SweepSpec, run_split
 from utils import (PRECISIONS, ArgumentParser, CheckpointError, ToolError, UsageError, check_number, check_seed,
                    parse_fraction, peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
 
@@ -250,7 +250,7 @@ def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, engine:
         "memory_format": args.memory_format, "early_stop": engine.early_stop,
         "fold_batchnorm": engine.kind == "fast" and engine.fold_batchnorm,
         "per_sample_seeding": per_sample, "numbers_depend_on_batch_size": not all(per_sample.values()),
-        "versions": library_versions(),
+        "worst_case": WORST_CASE_RULE, "versions": library_versions(),
     }
 
 

@@ -28,7 +28,7 @@ from utils import ToolError  # noqa: E402
 #: Config fields that change the numbers: a --resume with any of them different is refused.
 RESUME_FIELDS = ("task", "checkpoint_sha256", "attacks", "steps", "alpha", "random_start", "targeted",
                  "target_class", "target_map", "seed", "data", "limit", "engine", "precision", "memory_format",
-                 "early_stop", "fold_batchnorm", "device")
+                 "early_stop", "fold_batchnorm", "device", "worst_case")
 HEAD_COLUMNS = ("split", "attack", "eps", "eps_255", "n")
 MASK_COLOURS = ListedColormap(["#f4e6a6", "#c77dba", "#3b1f6b"])  # background, cytoplasm, nucleus
 

@@ -41,6 +41,8 @@ from splitdata import SplitSource
 from utils import ConfusionMatrix, DataError, compute_metrics, per_image_confusion, worst_case_choice
 
 WORST = "worst"
+WORST_CASE_RULE = ("classification: robust only if every attack failed; segmentation: per image "
+                   "the attack whose adversarial lowers the split's mean Dice (utils.worst_case_choice)")
 
 
 @dataclass(frozen=True)
