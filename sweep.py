@@ -188,7 +188,8 @@ class _ClassificationSweep(_SplitSweep):
         state.update(labels=labels, goals=goals, clean_pred=clean_pred, eligible=eligible, attacks={
             name: {"wrong_eps": torch.where(clean_pred == labels, math.inf, 0.0).double(),
                    "pred": clean_pred.clone(), "hit": torch.zeros(len(labels), dtype=torch.bool),
-                   "ex_adv": originals.clone()} for name in self.spec.attacks})
+                   "ex_adv": originals.clone(), "ex_pred": clean_pred[state["ex_index"]].clone()}
+            for name in self.spec.attacks})
         return state
 
     def sweep_eps(self, state: dict, eps: float) -> list[dict]:
@@ -206,7 +207,8 @@ class _ClassificationSweep(_SplitSweep):
         chosen = worst["chosen"][state["ex_index"]].tolist()
         adv = [state["attacks"][self.spec.attacks[c]]["ex_adv"][k] for k, c in enumerate(chosen)]
         adv = torch.stack(adv) if adv else state["examples"]["original"]
-        self.record_examples(state, eps, adv, worst["pred"][state["ex_index"]])
+        pred = [state["attacks"][self.spec.attacks[c]]["ex_pred"][k] for k, c in enumerate(chosen)]
+        self.record_examples(state, eps, adv, torch.stack(pred) if pred else worst["pred"][state["ex_index"]])
         return rows
 
     def todo(self, state: dict, per_attack: dict) -> torch.Tensor:
@@ -238,6 +240,7 @@ class _ClassificationSweep(_SplitSweep):
             self.count(state, per_attack, done.index, done.pred.cpu(), eps)
             shown = slots[done.index]
             per_attack["ex_adv"][shown[shown >= 0]] = done.adv[(shown >= 0).to(done.adv.device)].float().cpu()
+            per_attack["ex_pred"][shown[shown >= 0]] = done.pred.cpu()[shown >= 0]  # the shown image's own
 
         index = torch.nonzero(self.todo(state, per_attack)).flatten()
         self.attack(name, eps, index, emit, fooled_fn=self.fooled)
@@ -253,6 +256,7 @@ class _ClassificationSweep(_SplitSweep):
         stats.add_norms(per_attack["mn_linf"][index], per_attack["mn_l2"][index])
         shown = example_slots(len(self.source), state["ex_index"])[index]
         per_attack["ex_adv"][shown[shown >= 0]] = per_attack["mn_ex"][shown[shown >= 0]]
+        per_attack["ex_pred"][shown[shown >= 0]] = per_attack["mn_pred"][index][shown >= 0]
 
     def run_min_norm(self, state: dict, name: str, eps: float) -> None:
         n = len(self.source)

@@ -129,6 +129,22 @@ def test_targeted_accuracy_never_rises_with_eps(cls_setup, kind):
     assert accuracies[-1] == pytest.approx(1 - (torch.isfinite(per_attack["wrong_eps"])).double().mean().item())
 
 
+@pytest.mark.parametrize("spec_kw", [{"targeted": True}, {"attack_all": True}])
+def test_each_example_shows_the_prediction_of_its_own_image(cls_setup, spec_kw):
+    """Samples attacked again after a first wrong prediction (targeted ones not yet on the
+    target; every sample with attack_all) must show their latest image's own prediction."""
+    model, source = cls_setup
+    eps_list = [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255]
+    _, state = sweep(model, source, eps_list=eps_list, steps=2, examples=len(source), **spec_kw)
+    examples = state["examples"]
+    changed = 0
+    for before, adv, pred in zip(examples["pred"], examples["adv"][1:], examples["pred"][1:]):
+        with torch.no_grad():
+            assert torch.equal(pred, model(adv).argmax(1))
+        changed += int((pred != before).sum())
+    assert changed > 0
+
+
 def test_min_norm_attack_runs_once_and_counts_only_perturbations_within_eps(cls_setup):
     model, loader = cls_setup
     calls = []
