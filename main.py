@@ -39,6 +39,7 @@ from utils import (PRECISIONS, ArgumentParser, CheckpointError, ToolError, Usage
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
+DEFAULT_L2_EPS = ("0", "0.25", "0.5", "1", "2", "4")  # an L2 norm over 3*H*W values: 8/255 everywhere is 7 at 128 px
 #: The original study's segmentation target: background->nucleus, cytoplasm->background,
 #: nucleus->cytoplasm.
 DEFAULT_TARGET_MAP = (2, 0, 1)
@@ -55,8 +56,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, help="default: the checkpoint's data, else synthetic")
     parser.add_argument("--attack", default="pgd",
                         help=f"one attack or a comma list (adds a worst-case row), of: {', '.join(ATTACKS)}")
-    parser.add_argument("--eps-list", nargs="+", default=list(DEFAULT_EPS),
-                        help="perturbation budgets in [0, 1], e.g. 0 8/255 0.03")
+    parser.add_argument("--eps-list", nargs="+", default=None,
+                        help=f"perturbation budgets, e.g. 0 8/255 0.03; default L-inf {' '.join(DEFAULT_EPS)}, "
+                             f"L2 {' '.join(DEFAULT_L2_EPS)}")
     parser.add_argument("--steps", type=int, default=10, help="attack iterations (Square: queries)")
     parser.add_argument("--alpha", type=float, default=None, help="step size; default 2.5*eps/steps")
     parser.add_argument("--random-start", action="store_true")
@@ -166,6 +168,8 @@ def validate_args(args: argparse.Namespace) -> None:
     args.task = args.task or task_of(args.checkpoint)
     args.attacks = parse_attack_list(args.attack, args.task, args.targeted)
     args.norm = attack_info(args.attacks[0]).norm
+    if args.eps_list is None:
+        args.eps_list = list(DEFAULT_EPS if args.norm == "Linf" else DEFAULT_L2_EPS)
     args.eps_values = parse_eps_list(args.eps_list, args.norm)
     check_number("--alpha", args.alpha, low=0, low_open=True)
     check_number("--max-memory", args.max_memory, low=0)

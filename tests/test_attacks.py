@@ -113,6 +113,17 @@ def test_default_arguments():
     assert args.eps_values == sorted(args.eps_values) and args.eps_values[0] == 0 and args.eps_values[-1] == 128 / 255
 
 
+@pytest.mark.parametrize("attack", ["pgdl2", "cw"])
+def test_an_l2_attack_defaults_to_l2_budgets(attack):
+    """The L-inf defaults read as L2 norms over 3*H*W values would end at 0.5: hardly a budget."""
+    args = parse("--attack", attack)
+    validate_args(args)
+    assert args.eps_values == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+    given = parse("--attack", attack, "--eps-list", "0", "3")
+    validate_args(given)
+    assert given.eps_values == [0.0, 3.0]
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--attack", "nope"], "--attack 'nope' is unknown; choose one of fgsm, pgd"),
     (["--steps", "0"], "--steps"),
