@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from attacks import build_attack
-from checks import CheckSettings, check_monotone, run_checks
+from checks import CheckSettings, _PGDResults, _Subset, check_converged, check_monotone, run_checks
 from engine import Engine
 from splitdata import TensorSplit
 from sweep import SweepSpec, run_split
@@ -98,3 +98,24 @@ def test_worst_pred_keeps_each_images_lowest_dice():
                      Engine(batch_size=2), "test", [0, 1])
     first, second = torch.stack([good[0], bad[1]]), torch.stack([bad[0], good[1]])
     assert torch.equal(subset.worst_pred([first, second]), bad)
+
+
+@pytest.mark.parametrize("longer_fools", [False, True])
+def test_converged_measures_what_more_effort_adds_to_the_sweeps_pgd(classifier, monkeypatch, longer_fools):
+    """The sweep's PGD fooled 10 samples (say at a smaller eps, which carries forward); a longer
+    PGD that fools nothing must not make check d say "raise --steps", one that fools all must."""
+    images, labels = separable_images(n=40, seed=4)
+    settings = CheckSettings(task="classification", class_names=CLASS_NAMES, eps_list=EPS, steps=4, limit=40)
+    subset = _Subset(classifier, TensorSplit(images, labels), settings, Engine(batch_size=16), "test", list(range(40)))
+    assert torch.equal(subset.clean_pred, subset.labels)
+    swept = subset.labels.clone()
+    swept[:10] = (swept[:10] + 1) % len(CLASS_NAMES)
+    pgd = _PGDResults(subset, None, settings)
+    pgd.preds[8 / 255] = swept
+    longer = (subset.labels + 1) % len(CLASS_NAMES) if longer_fools else subset.labels.clone()
+    monkeypatch.setattr(subset, "attacked_pred", lambda *args, **kwargs: longer.clone())
+    check = check_converged(subset, 8 / 255, pgd)
+    if longer_fools:
+        assert check.status == "WARN" and check.value == pytest.approx(0.75)
+    else:
+        assert check.status == "PASS" and check.value == 0
