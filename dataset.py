@@ -220,8 +220,9 @@ def _split_indices(labels: Sequence[int], fractions: Sequence[float], seed: int,
 def build_splits(task: str, data: str | Path | None, val_data: str | Path | None = None,
                  test_data: str | Path | None = None, image_size: int = 128, seed: int = 0,
                  fractions: Sequence[float] = (0.7, 0.15, 0.15), limit: int | None = None,
-                 skip_missing_masks: bool = False) -> dict[str, Dataset]:
-    """``{"train", "val", "test"}`` datasets; train augments, val and test only resize.
+                 skip_missing_masks: bool = False, augment_train: bool = True) -> dict[str, Dataset]:
+    """``{"train", "val", "test"}`` datasets; train augments (unless ``augment_train`` is
+    False, for evaluating it), val and test only resize.
 
     ``data`` is split stratified by class with ``fractions``. A split given its own folder
     (``val_data``/``test_data``) reads all of that folder, and its fraction of ``data`` goes
@@ -252,7 +253,7 @@ def build_splits(task: str, data: str | Path | None, val_data: str | Path | None
         if not chosen:
             raise DataError(f"the {name} split of {root} is empty ({len(samples)} samples, fractions "
                             f"{tuple(fractions)}); add images or give the split its own folder")
-        datasets[name] = dataset_cls(chosen, build_transform(task, image_size, train=name == "train"))
+        datasets[name] = dataset_cls(chosen, build_transform(task, image_size, train=name == "train" and augment_train))
     return datasets
 
 

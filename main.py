@@ -217,12 +217,14 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[dict, nn
 
 
 def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
-    """The requested splits, built exactly as at training time (at most ``--limit`` each)."""
+    """The requested splits, built exactly as at training time (at most ``--limit`` each); the
+    train split is read without augmentation, so every row sees the same images."""
     train_args = ckpt.get("args") or {}
     datasets = build_splits(args.task, args.data, val_data=train_args.get("val_data"),
                             test_data=train_args.get("test_data"), image_size=ckpt["image_size"],
                             seed=train_args.get("seed", 0), limit=args.limit,
-                            skip_missing_masks=bool(train_args.get("skip_missing_masks", False)))
+                            skip_missing_masks=bool(train_args.get("skip_missing_masks", False)),
+                            augment_train=False)
     return {name: datasets[name] for name in dict.fromkeys(args.splits)}
 
 

@@ -233,6 +233,21 @@ def test_build_splits_partitions_the_root(classification_root):
     assert all(again[k].samples == datasets[k].samples for k in datasets)
 
 
+def test_main_reads_the_train_split_without_augmentation(segmentation_root):
+    """main.py --splits train: each row must attack the same images, so no random transform."""
+    import argparse
+
+    from main import load_splits
+
+    args = argparse.Namespace(task="segmentation", data=str(segmentation_root), limit=None, splits=["train"])
+    train = load_splits(args, {"image_size": 24, "args": {"seed": 0}})["train"]
+    augmenting = D.build_splits("segmentation", segmentation_root, image_size=24)["train"]
+    assert len(train.transform.transforms) == len(D.build_transform("segmentation", 24, train=False).transforms)
+    for i in range(len(train)):
+        assert all(torch.equal(a, b) for a, b in zip(train[i], train[i]))
+    assert any(not torch.equal(augmenting[i][0], augmenting[i][0]) for i in range(len(augmenting)))
+
+
 def test_build_splits_with_own_val_and_test_folders(make_classification_data):
     train_root = make_classification_data(name="Train")
     val_root = make_classification_data({"Basophil": 2, "Neutrophil": 3}, name="Val")
