@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torchattacks
@@ -251,6 +252,19 @@ def test_an_in_memory_split_returns_exactly_what_the_dataset_returns(task, tiny_
     streamed, note = load_split(dataset, task=task, image_size=24, max_bytes=100)
     assert isinstance(streamed, DatasetSplit) and "exceeds --max-memory" in note
     assert all(torch.equal(a, b) for a, b in zip(streamed.batch(index, torch.device("cpu")), (images, targets)))
+
+
+def test_the_grey_levels_used_off_the_cpu_are_the_datasets_own_floats():
+    """Off the CPU an in-memory split looks its floats up, since a CUDA division by 255 is one ulp
+    off for about half the levels; the table must hold exactly what the dataset's ToFloat gives."""
+    from dataset import build_transform
+    from splitdata import GREY_LEVELS
+
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = np.stack([ramp] * 3, axis=-1)
+    as_read = build_transform("classification", 16, train=False)(image=image)["image"][0]
+    assert torch.equal(GREY_LEVELS[torch.from_numpy(ramp).long()], as_read)
+    assert not torch.equal(GREY_LEVELS, torch.arange(256, dtype=torch.float32) * (1 / 255))  # what CUDA computes
 
 
 def test_the_budget_tolerance_follows_the_dtype():
