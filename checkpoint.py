@@ -153,6 +153,8 @@ FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epoch": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "metrics": (lambda v: isinstance(v, dict), "a dict"),
     "args": (lambda v: isinstance(v, dict), "a dict"),
+    "split_digests": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                      "a dict of split name -> digest"),
 }
 #: Training arguments that main.py reads back (for the data split) -> check, what it must be.
 ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -3,6 +3,7 @@ transforms and loaders. Reading the Raabin-WBC layouts (images, masks, samples) 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -243,6 +244,7 @@ def build_splits(task: str, data: str | Path | None, val_data: str | Path | None
     for name, own_root in (("val", val_data), ("test", test_data)):
         if own_root is not None:
             split_samples[name] = find_samples(task, Path(own_root).expanduser(), skip_missing_masks)
+    _refuse_overlap(split_samples)
     dataset_cls = ClassificationDataset if task == "classification" else SegmentationDataset
     datasets = {}
     for name in SPLITS:
@@ -254,7 +256,27 @@ def build_splits(task: str, data: str | Path | None, val_data: str | Path | None
             raise DataError(f"the {name} split of {root} is empty ({len(samples)} samples, fractions "
                             f"{tuple(fractions)}); add images or give the split its own folder")
         datasets[name] = dataset_cls(chosen, build_transform(task, image_size, train=name == "train" and augment_train))
+        datasets[name].split_digest = split_digest(split_samples[name])
     return datasets
+
+
+def split_digest(samples: Sequence[tuple]) -> str:
+    """A short hash of a split's members in order (class and file name, not the folder they lie
+    in), before any ``limit``: train.py stores it, main.py checks it, so a data folder that has
+    changed since training (which reshuffles its splits) is never evaluated as if it had not."""
+    text = "\n".join(f"{sample[-1]}\t{Path(sample[0]).name}" for sample in samples)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _refuse_overlap(split_samples: dict[str, list[tuple]]) -> None:
+    """Own --val-data/--test-data folders must not hold images of another split."""
+    files = {name: {Path(sample[0]).resolve() for sample in samples} for name, samples in split_samples.items()}
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = files[first] & files[second]
+        if shared:
+            raise DataError(f"{len(shared)} images are in both the {first} and the {second} split "
+                            f"(e.g. {min(shared)}); give --val-data/--test-data folders that do not overlap "
+                            f"each other or --data")
 
 
 def format_split_counts(datasets: dict[str, Dataset], class_names: Sequence[str]) -> str:

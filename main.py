@@ -34,8 +34,9 @@ from outcomes import gather_outcomes
 from report import Report, library_versions
 from splitdata import load_split
 from sweep import WORST_CASE_RULE, SweepSpec, run_split
-from utils import (PRECISIONS, ArgumentParser, CheckpointError, ToolError, UsageError, check_number, check_seed,
-                   parse_fraction, peak_memory_mb, resolve_device, resolve_precision, run_cli, seed_everything)
+from utils import (PRECISIONS, ArgumentParser, CheckpointError, DataError, ToolError, UsageError, check_number,
+                   check_seed, parse_fraction, peak_memory_mb, resolve_device, resolve_precision, run_cli,
+                   seed_everything)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
@@ -225,6 +226,12 @@ def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
                             seed=train_args.get("seed", 0), limit=args.limit,
                             skip_missing_masks=bool(train_args.get("skip_missing_masks", False)),
                             augment_train=False)
+    trained_on = ckpt.get("split_digests") or {}
+    for name in dict.fromkeys(args.splits):
+        if name in trained_on and trained_on[name] != datasets[name].split_digest:
+            raise DataError(f"the {name} split of the data is not the one {args.checkpoint} was trained with "
+                            f"(files were added, removed or renamed since, which reshuffles the splits); "
+                            f"attack it on the data it was trained on, or retrain")
     return {name: datasets[name] for name in dict.fromkeys(args.splits)}
 
 

@@ -359,7 +359,8 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
              if dist.active else module)
 
     meta = dict(task=args.task, depth=args.depth, class_names=class_names, image_size=args.image_size,
-                mean=mean, std=std, args=vars(args))
+                mean=mean, std=std, args=vars(args),
+                split_digests={name: split.split_digest for name, split in splits.items()})
     key, best_key = primary_metric(args.task), best_metric_key(args.task, args.adv)
     steps = len(loaders["train"])
     tolerance = selection_tolerance(args.task, len(splits["val"]))

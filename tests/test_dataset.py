@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import types
 from collections import Counter
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 import dataset as D
 import raabin
-from conftest import cell_grey_mask, save_image
+from conftest import cell_grey_mask, cell_image, save_image
 
 
 # --------------------------------------------------------------------------- masks and images
@@ -246,6 +247,40 @@ def test_main_reads_the_train_split_without_augmentation(segmentation_root):
     for i in range(len(train)):
         assert all(torch.equal(a, b) for a, b in zip(train[i], train[i]))
     assert any(not torch.equal(augmenting[i][0], augmenting[i][0]) for i in range(len(augmenting)))
+
+
+def test_a_data_folder_changed_since_training_is_refused(classification_root):
+    """One image more in a class reshuffles that class over the splits: main.py must not attack
+    a "test" split that now holds training images."""
+    import argparse
+
+    from main import load_splits
+    from utils import DataError
+
+    trained = D.build_splits("classification", classification_root, image_size=16, seed=0)
+    ckpt = {"image_size": 16, "args": {"seed": 0},
+            "split_digests": {name: split.split_digest for name, split in trained.items()}}
+    args = argparse.Namespace(task="classification", data=str(classification_root), limit=2, splits=["val", "test"],
+                              checkpoint="ckpt.pt")
+    assert len(load_splits(args, ckpt)["test"]) <= 2  # the digest is of the whole split, whatever --limit
+    save_image(classification_root / "Neutrophil" / "added_99.png", cell_image(cell_grey_mask(24, 24)))
+    changed = D.build_splits("classification", classification_root, image_size=16, seed=0)
+    assert changed["train"].split_digest != trained["train"].split_digest
+    test_image = Path(trained["test"].samples[0][0])
+    test_image.rename(test_image.with_name("renamed" + test_image.suffix))
+    with pytest.raises(DataError, match="split of the data is not the one ckpt.pt was trained with"):
+        load_splits(args, ckpt)
+    args.splits = ["test"]
+    with pytest.raises(DataError, match="the test split of the data is not the one ckpt.pt was trained with"):
+        load_splits(args, ckpt)
+    load_splits(args, {"image_size": 16, "args": {"seed": 0}})  # an older checkpoint has no digests to check
+
+
+def test_splits_given_overlapping_folders_are_refused(classification_root):
+    from utils import DataError
+
+    with pytest.raises(DataError, match="in both the train and the val split"):
+        D.build_splits("classification", classification_root, val_data=classification_root, image_size=16)
 
 
 def test_build_splits_with_own_val_and_test_folders(make_classification_data):

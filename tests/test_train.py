@@ -46,6 +46,7 @@ def test_one_epoch_smoke_run_writes_everything(tmp_path, tiny_synthetic_root, ta
     ckpt = load_checkpoint(out / "checkpoints" / "best.pt", task=task, depth=18, image_size=32)
     assert ckpt["epoch"] == 1 and len(ckpt["mean"]) == 3
     assert "optimizer" in ckpt and "scheduler" in ckpt
+    assert set(ckpt["split_digests"]) == {"train", "val", "test"}  # main.py checks its splits against them
     torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     model = model_from_checkpoint(ckpt)
     assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(ckpt["mean"]))
