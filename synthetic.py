@@ -14,15 +14,24 @@ Layouts (the same JPEG in both): <root>/Train/<Class>/<name>.jpg and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw
+
+from utils import DataError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: generation is not guarded against a second process
+    fcntl = None
 
 CLASSES = ("Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil")
 DEFAULT_ROOT: Path = Path(__file__).resolve().parent / "data" / "synthetic"
@@ -368,7 +377,8 @@ def _replace_dir(new: Path, root: Path) -> None:
     old = None
     if root.exists():
         if any(root.iterdir()) and not (root / "synthetic.json").exists():
-            raise FileExistsError(f"{root} exists and is not a synthetic dataset; refusing to replace it")
+            raise DataError(f"{root} exists and is not a synthetic dataset; refusing to replace it "
+                            f"(move it away, or pass --data to train on it)")
         old = root.with_name(f".{root.name}.{os.getpid()}.old.tmp")
         root.rename(old)
     new.rename(root)
@@ -405,13 +415,28 @@ def _read_parameters(root: Path) -> dict | None:
         return None
 
 
+@contextlib.contextmanager
+def _generation_lock(root: Path) -> Iterator[None]:
+    """Held while one process generates ``root``: torchrun ranks and parallel jobs that all find
+    it missing would otherwise rename it away under each other."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(f".{root.name}.lock"), "w") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_synthetic(root: Path | None = None, per_class: int = 200, image_size: int = 128, seed: int = 0) -> Path:
     """Return ``root`` (default ``DEFAULT_ROOT``), generating it first if missing or made differently."""
     root = Path(root) if root is not None else DEFAULT_ROOT
-    if _read_parameters(root) != _parameters(per_class, image_size, seed):
-        print(f"generating synthetic WBC data: {per_class} x {len(CLASSES)} images of "
-              f"{image_size}px (seed {seed}) in {root}", flush=True)
-        generate_synthetic(root, per_class, image_size, seed)
+    wanted = _parameters(per_class, image_size, seed)
+    if _read_parameters(root) == wanted:
+        return root
+    with _generation_lock(root):
+        if _read_parameters(root) != wanted:  # another process may have made it while this one waited
+            print(f"generating synthetic WBC data: {per_class} x {len(CLASSES)} images of "
+                  f"{image_size}px (seed {seed}) in {root}", flush=True)
+            generate_synthetic(root, per_class, image_size, seed)
     return root
 
 

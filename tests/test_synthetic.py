@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import synthetic  # noqa: E402
 from synthetic import CLASSES, ensure_synthetic, generate_synthetic, render_cell  # noqa: E402
+from utils import DataError  # noqa: E402
 
 PER_CLASS, SIZE = 3, 64
 
@@ -90,10 +91,26 @@ def test_ensure_regenerates_only_when_parameters_change(tmp_path: Path, capsys) 
     assert json.loads((root / "synthetic.json").read_text())["per_class"] == 3
 
 
+def test_processes_that_all_find_the_data_missing_generate_it_once(tmp_path: Path) -> None:
+    """torchrun ranks start together: each finds no data; one generates, the others wait for it
+    (unguarded, one renamed the folder away while another read it)."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from synthetic import ensure_synthetic, CLASSES; "
+            "from pathlib import Path; root = ensure_synthetic(Path(sys.argv[2]), per_class=4, image_size=64); "
+            "assert all(len(list((root / 'Train' / c).glob('*.jpg'))) == 4 for c in CLASSES)")
+    repo = str(Path(__file__).resolve().parents[1])
+    jobs = [subprocess.Popen([sys.executable, "-c", code, repo, str(tmp_path / "syn")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(job.wait(), job.communicate()) for job in jobs]
+    assert all(rc == 0 for rc, _ in results), [err[-300:] for _, (_, err) in results]
+    assert sum("generating" in out for _, (out, _) in results) == 1
+
+
 def test_refuses_to_replace_a_folder_that_is_not_synthetic(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DataError, match="is not a synthetic dataset"):
         generate_synthetic(tmp_path / "real", 1, SIZE)
     assert (tmp_path / "real" / "keep.txt").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["real"]
