@@ -223,14 +223,17 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     return compute_metrics(task, dist.sum(cm.mat), class_names)
 
 
-def selection_tolerance(task: str, val_size: int) -> float:
+def selection_tolerance(task: str, val_size: int, robust_limit: int | None = None) -> float:
     """How far below the best val metric so far a later epoch may be and still replace best.pt.
 
-    For classification, one val sample: on a small val split (44 real cells) the best epoch is
-    mostly a mid-training spike one image above the plateau, while the later model has trained
-    longer at a lower learning rate. Segmentation's Dice over many pixels keeps ties only.
+    For classification, one sample of the set the metric is counted on: the val split, or with
+    --adv the robust subset of at most ``robust_limit`` of its samples. On a small val split (44
+    real cells) the best epoch is mostly a mid-training spike one image above the plateau, while
+    the later model has trained longer at a lower learning rate. Segmentation's Dice over many
+    pixels keeps ties only.
     """
-    return 1.0 / val_size + 1e-9 if task == "classification" else 0.0  # 1e-9: rounding slack
+    counted = min(val_size, robust_limit) if robust_limit is not None else val_size
+    return 1.0 / counted + 1e-9 if task == "classification" else 0.0  # 1e-9: rounding slack
 
 
 def check_train_split(args: argparse.Namespace, n_train: int, world_size: int = 1) -> None:
@@ -363,7 +366,7 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
                 split_digests={name: split.split_digest for name, split in splits.items()})
     key, best_key = primary_metric(args.task), best_metric_key(args.task, args.adv)
     steps = len(loaders["train"])
-    tolerance = selection_tolerance(args.task, len(splits["val"]))
+    tolerance = selection_tolerance(args.task, len(splits["val"]), adv.val_limit if adv.active else None)
     started = time.perf_counter() - sum(row["seconds"] for row in history)
     for epoch in range(start_epoch, args.epochs):
         seed_epoch(args, epoch, loaders["train"], dist.rank)

@@ -14,6 +14,7 @@ from torch import nn
 
 import dataset
 from files import atomic_savefig
+from utils import cpu_has_native_bf16
 
 
 def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -22,8 +23,7 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    bf16_cpu = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    if "AVX512" in bf16_cpu.upper() or "AMX" in bf16_cpu.upper():
+    if cpu_has_native_bf16():  # AVX512 alone emulates bf16, slower than fp32
         return torch.bfloat16
     print("note: --amp ignored: this CPU has no fast bf16 support; training in fp32")
     return None

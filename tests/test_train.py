@@ -144,6 +144,25 @@ def test_cudnn_benchmark_is_on_unless_deterministic():
         torch.use_deterministic_algorithms(saved[1])
 
 
+def test_amp_on_a_cpu_takes_bf16_only_where_it_is_native(monkeypatch):
+    """An AVX512 CPU without AVX512-BF16 emulates bf16, slower than fp32: --amp is ignored there."""
+    import training_utils
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(training_utils, "cpu_has_native_bf16", lambda: False)
+    assert training_utils.autocast_dtype(torch.device("cpu"), True) is None
+    monkeypatch.setattr(training_utils, "cpu_has_native_bf16", lambda: True)
+    assert training_utils.autocast_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert training_utils.autocast_dtype(torch.device("cpu"), False) is None
+
+
+def test_best_checkpoint_tolerance_is_one_sample_of_the_set_it_is_counted_on():
+    assert train.selection_tolerance("classification", 100) == pytest.approx(1 / 100)
+    assert train.selection_tolerance("classification", 100, robust_limit=64) == pytest.approx(1 / 64)  # --adv
+    assert train.selection_tolerance("classification", 40, robust_limit=64) == pytest.approx(1 / 40)
+    assert train.selection_tolerance("segmentation", 100, robust_limit=64) == 0
+
+
 @pytest.mark.parametrize("task,expected", [
     ("classification", {"epochs": 30, "batch_size": 16, "image_size": 96, "warmup_epochs": 2, "lr": 1e-3}),
     ("segmentation", {"epochs": 25, "batch_size": 32, "image_size": 128, "warmup_epochs": 1, "lr": 2e-3}),
