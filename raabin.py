@@ -90,7 +90,11 @@ def mask_to_labels(mask: np.ndarray) -> np.ndarray:
 
 def load_mask(path: str | Path) -> np.ndarray:
     """Read a mask file and return HxW uint8 labels in {0, 1, 2}."""
-    return mask_to_labels(_read_uint8(Path(path)))
+    raw = _read_uint8(Path(path))
+    if raw.max() <= 2 and (raw > 0).mean() > 0.01:  # would read as all background
+        raise DataError(f"mask {path} holds class indices 0/1/2, but masks are read as Raabin's grey levels "
+                        f"(0 background, 128 cytoplasm, 255 nucleus); save it with those values")
+    return mask_to_labels(raw)
 
 
 # --------------------------------------------------------------------------- finding samples
