@@ -243,7 +243,11 @@ def build_splits(task: str, data: str | Path | None, val_data: str | Path | None
     split_samples = {name: [samples[i] for i in idx] for name, idx in zip(SPLITS, split_idx)}
     for name, own_root in (("val", val_data), ("test", test_data)):
         if own_root is not None:
-            split_samples[name] = find_samples(task, Path(own_root).expanduser(), skip_missing_masks)
+            folder, flag = Path(own_root).expanduser(), f"--{name}-data"
+            if not folder.is_dir():
+                raise DataError(f"{flag} folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}; "
+                                f"check the path given to {flag}")
+            split_samples[name] = find_samples(task, folder, skip_missing_masks)
     _refuse_overlap(split_samples)
     dataset_cls = ClassificationDataset if task == "classification" else SegmentationDataset
     datasets = {}

@@ -30,6 +30,20 @@ def test_mask_thresholds_at_the_boundaries():
     np.testing.assert_array_equal(raabin.mask_to_labels(rgba), expected)
 
 
+def test_a_mask_of_class_indices_is_refused_not_read_as_background(tmp_path):
+    from utils import DataError
+
+    labels = np.zeros((20, 20), np.uint8)
+    labels[5:15, 5:15], labels[8:12, 8:12] = 1, 2
+    save_image(tmp_path / "indices.png", labels, mode="L")
+    with pytest.raises(DataError, match="holds class indices 0/1/2"):
+        raabin.load_mask(tmp_path / "indices.png")
+    save_image(tmp_path / "grey.png", (labels * 127.5).astype(np.uint8), mode="L")
+    np.testing.assert_array_equal(raabin.load_mask(tmp_path / "grey.png"), labels)
+    save_image(tmp_path / "empty.png", np.zeros((20, 20), np.uint8), mode="L")
+    assert raabin.load_mask(tmp_path / "empty.png").max() == 0  # an all-background mask stays legal
+
+
 def test_jpeg_compressed_masks_keep_their_labels(tmp_path):
     grey = cell_grey_mask(32, 32)  # round edges: the JPEG rings around them
     expected = raabin.mask_to_labels(grey)
@@ -274,6 +288,14 @@ def test_a_data_folder_changed_since_training_is_refused(classification_root):
     with pytest.raises(DataError, match="the test split of the data is not the one ckpt.pt was trained with"):
         load_splits(args, ckpt)
     load_splits(args, {"image_size": 16, "args": {"seed": 0}})  # an older checkpoint has no digests to check
+
+
+@pytest.mark.parametrize("flag", ["val", "test"])
+def test_a_missing_own_split_folder_names_its_flag(classification_root, tmp_path, flag):
+    from utils import DataError
+
+    with pytest.raises(DataError, match=f"--{flag}-data folder .* does not exist; check the path given to --{flag}-data"):
+        D.build_splits("classification", classification_root, image_size=16, **{f"{flag}_data": tmp_path / "nope"})
 
 
 def test_splits_given_overlapping_folders_are_refused(classification_root):
