@@ -28,13 +28,33 @@ def _number(text: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _read_table(path: Path) -> list[dict]:
+    """The rows of a main.py ``results.csv``; anything else is a one-line usage error."""
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"--compare: {path} is not a main.py results table ({why}); "
+                          "give folders of finished main.py sweeps")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise refuse(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    missing = [c for c in ("split", "attack", "eps") if rows and c not in rows[0]]
+    if missing:
+        raise refuse(f"no {', '.join(missing)} column")
+    for row in rows:
+        if row.get("split") is None or row.get("attack") is None:
+            raise refuse("a short row")
+        if _number(row.get("eps")) is None:
+            raise refuse(f"eps {row.get('eps')!r} is not a number")
+    return rows
+
+
 class Run:
     """One finished sweep: its name, task, norm and shown rows (worst case, else its attack)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.name = folder, folder.resolve().name
-        with open(folder / "results.csv", newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = _read_table(folder / "results.csv")
         columns = rows[0].keys() if rows else ()
         self.task = "classification" if "accuracy" in columns else "segmentation" if "dice_mean" in columns else None
         self.key = "accuracy" if self.task == "classification" else "dice_mean"
@@ -46,7 +66,9 @@ class Run:
 
     @property
     def label(self) -> str:
-        return self.name if len(self.attacks) <= 1 else f"{self.name} (worst of {', '.join(self.attacks)})"
+        if self.shown == "worst":
+            return f"{self.name} (worst of {', '.join(self.attacks)})"
+        return self.name if len(self.attacks) <= 1 else f"{self.name} ({self.shown}; no worst-case rows yet)"
 
     def series(self, split: str) -> dict[float, float | None]:
         return {float(row["eps"]): _number(row.get(self.key)) for row in self.rows if row["split"] == split}
@@ -109,7 +131,9 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
     norm, key = runs[0].norm, runs[0].key
     parts = [f"# Comparison: {key} against eps", "",
              "Each run shows its worst case over its attacks (or its only attack):", ""]
-    parts += [f"- **{run.name}**: {', '.join(run.attacks)} (`{run.folder}`)" for run in runs]
+    parts += [f"- **{run.name}**: {', '.join(run.attacks)} (`{run.folder}`)"
+              + ("" if run.shown == "worst" or len(run.attacks) <= 1 else f"; no worst-case rows yet, shown: {run.shown}")
+              for run in runs]
     for split in dict.fromkeys(split for run in runs for split in run.splits):
         series = [run.series(split) for run in runs]
         eps_values = sorted({eps for one in series for eps in one})

@@ -37,12 +37,29 @@ def test_compare_writes_a_figure_and_a_side_by_side_table(tmp_path, capsys):
     assert "worst of pgd, apgd" not in table and "pgd, apgd" in table
 
 
-@pytest.mark.parametrize("case", ["missing", "tasks"])
+def test_a_run_without_worst_rows_yet_is_not_labelled_as_a_worst_case(tmp_path):
+    from compare import Run
+
+    unfinished = Run(write_run(tmp_path / "killed", "accuracy", [0.9, 0.5, 0.1], attacks=("pgd", "apgd")))
+    assert unfinished.shown == "pgd" and "worst" not in unfinished.label.replace("no worst-case rows", "")
+    finished = Run(write_run(tmp_path / "done", "accuracy", [0.9, 0.5, 0.1], attacks=("pgd", "apgd", "worst")))
+    assert finished.label == "done (worst of pgd, apgd)"
+
+
+@pytest.mark.parametrize("case", ["missing", "tasks", "no-attack-column", "bad-eps", "not-text"])
 def test_compare_refuses_folders_without_results_or_of_other_tasks(tmp_path, capsys, case):
     first = write_run(tmp_path / "a", "accuracy", [0.9, 0.5, 0.1])
+    malformed = {"no-attack-column": ("split,eps,eps_255,n,accuracy\nval,0.0,0,10,0.9\n", "no attack column"),
+                 "bad-eps": ("split,attack,eps,eps_255,n,accuracy\nval,pgd,abc,0,10,0.9\n", "eps 'abc' is not a number"),
+                 "not-text": (b"\xff\xfe\x00garbage", "is not a main.py results table")}
     if case == "missing":
         second, fragment = tmp_path / "empty", f"no results.csv in {tmp_path / 'empty'}"
         second.mkdir()
+    elif case in malformed:
+        second, (content, fragment) = tmp_path / "bad", malformed[case]
+        second.mkdir()
+        target = second / "results.csv"
+        target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
     else:
         second, fragment = write_run(tmp_path / "b", "dice_mean", [0.9, 0.8, 0.7]), "needs runs of one task"
     out = tmp_path / "cmp"
