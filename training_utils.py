@@ -46,7 +46,7 @@ def channel_stats(train_ds: Any, task: str, image_size: int,
                   max_images: int = 512) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of (up to ``max_images``, evenly spaced) un-augmented training images."""
     plain = unaugmented(train_ds, task, image_size)
-    step = max(1, len(plain) // max_images)
+    step = max(1, math.ceil(len(plain) / max_images))
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
     for index in range(0, len(plain), step):
         pixels = plain[index][0].double().reshape(3, -1)
