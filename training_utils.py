@@ -44,9 +44,10 @@ def unaugmented(train_ds: Any, task: str, image_size: int) -> Any:
 
 def channel_stats(train_ds: Any, task: str, image_size: int,
                   max_images: int = 512) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of (up to ``max_images``, evenly spaced) un-augmented training images."""
+    """Per-channel mean/std of un-augmented training images, every ``len // max_images``-th one
+    (so between ``max_images`` and twice that many; all of them up to ``2 * max_images - 1``)."""
     plain = unaugmented(train_ds, task, image_size)
-    step = max(1, math.ceil(len(plain) / max_images))
+    step = max(1, len(plain) // max_images)
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
     for index in range(0, len(plain), step):
         pixels = plain[index][0].double().reshape(3, -1)
