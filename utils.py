@@ -287,17 +287,6 @@ def lowest_dice_choice(cms: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([per_image_dice(cm) for cm in cms]).argmin(0)
 
 
-def _split_dice_key(cms: np.ndarray) -> np.ndarray:
-    """``dice_mean`` of each summed confusion matrix in a stack (..., C, C), as
-    :func:`segmentation_metrics` computes it; +inf where no foreground class can be scored."""
-    tp = np.diagonal(cms, axis1=-2, axis2=-1)
-    denom = cms.sum(-1) + cms.sum(-2)
-    dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)[..., 1:]
-    counted = ~np.isnan(dice)
-    mean = np.where(counted, dice, 0.0).sum(-1) / np.maximum(counted.sum(-1), 1)
-    return np.where(counted.any(-1), mean, np.inf)
-
-
 def worst_case_choice(cms: Sequence[torch.Tensor], max_passes: int = 20) -> torch.Tensor:
     """Per image, which attack's outcome the segmentation worst case takes (an index into
     ``cms``, one stack of per-image confusion matrices per attack).
@@ -310,25 +299,25 @@ def worst_case_choice(cms: Sequence[torch.Tensor], max_passes: int = 20) -> torc
     lowers the split's mean Dice, until a pass switches nothing. Every choice is an adversarial
     one of the attacks really produced, so the result is an achievable worst case.
     """
-    stack = torch.stack([cm.long().cpu() for cm in cms]).numpy()  # (attacks, images, C, C)
+    stack = torch.stack([cm.long().cpu() for cm in cms])  # (attacks, images, C, C)
     n_attacks, n = stack.shape[:2]
-    images = np.arange(n)
-    starts = [np.full(n, a) for a in range(n_attacks)] + [lowest_dice_choice(cms).numpy()]
-    totals = np.stack([stack[start, images].sum(0) for start in starts])
-    first = int(np.argmin(_split_dice_key(totals)))
-    choice, total = starts[first].copy(), totals[first]
-    best = float(_split_dice_key(total))
+    images = torch.arange(n)
+    starts = [torch.full((n,), a) for a in range(n_attacks)] + [lowest_dice_choice(cms).cpu()]
+    totals = torch.stack([stack[start, images].sum(0) for start in starts])
+    first = int(per_image_dice(totals).argmin())  # a summed matrix is scored like one image's
+    choice, total = starts[first].clone(), totals[first]
+    best = float(per_image_dice(total[None])[0])
     for _ in range(max_passes):
         switched = False
         for i in range(n):
             candidates = (total - stack[choice[i], i])[None] + stack[:, i]
-            keys = _split_dice_key(candidates)
-            a = int(np.argmin(keys))
+            keys = per_image_dice(candidates)
+            a = int(keys.argmin())
             if keys[a] < best:
                 choice[i], total, best, switched = a, candidates[a], float(keys[a]), True
         if not switched:
             break
-    return torch.from_numpy(choice)
+    return choice
 
 
 def compute_metrics(task: str, cm: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> dict:
