@@ -3,10 +3,15 @@
 Reads each folder's ``results.csv`` and writes ``compare.png`` (every run's robustness curve,
 one panel per split, the legend taken from the folder names) and ``compare.md`` (the metric of
 every run at every eps). A run that swept several attacks is shown by its ``worst`` rows.
+Where the runs were not measured alike (another step count, attack set, target, data or number
+of samples; read from each folder's ``results.json`` and table), ``compare.md`` lists the
+differences and the command prints a note: such a comparison is still drawn, but a curve may be
+lower only because its attack was stronger.
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +54,22 @@ def _read_table(path: Path) -> list[dict]:
     return rows
 
 
+def _read_config(path: Path) -> dict:
+    """The sweep settings a main.py ``results.json`` records (empty when absent or unreadable:
+    the table alone is enough to draw the comparison)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")).get("config", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+# What decides how strong an attack was or what it was measured on; a difference in any of
+# them makes two curves not like for like (the model, seed, device and engine may differ).
+COMPARABLE_SETTINGS = ("attacks", "steps", "alpha", "random_start", "targeted", "target_class", "target_map",
+                       "data", "limit")
+
+
 class Run:
     """One finished sweep: its name, task, norm and shown rows (worst case, else its attack)."""
 
@@ -63,6 +84,8 @@ class Run:
         self.attacks = [a for a in attacks if a != "worst"]
         self.norm = "L2" if rows and all(row.get("eps_255") in ("", None) for row in rows) else "Linf"
         self.rows = [row for row in rows if row["attack"] == self.shown]
+        self.config = _read_config(folder / "results.json")
+        self.samples = {row["split"]: row.get("n") for row in self.rows}
 
     @property
     def label(self) -> str:
@@ -103,6 +126,23 @@ def load_runs(folders: Sequence[str]) -> list[Run]:
     return runs
 
 
+def setting_differences(runs: Sequence[Run]) -> list[str]:
+    """One line per setting in which the runs differ, naming each run's value; settings a run's
+    ``results.json`` does not record are left out of the comparison."""
+    lines = []
+    for key in COMPARABLE_SETTINGS:
+        known = [run for run in runs if key in run.config]
+        values = [json.dumps(run.config[key], sort_keys=True) for run in known]
+        if len(set(values)) > 1:
+            lines.append(f"{key}: " + ", ".join(f"{run.name} {value}" for run, value in zip(known, values)))
+    splits = dict.fromkeys(split for run in runs for split in run.splits)
+    for split in splits:
+        counts = [(run.name, run.samples.get(split)) for run in runs if run.samples.get(split) not in (None, "")]
+        if len({count for _, count in counts}) > 1:
+            lines.append(f"samples in {split}: " + ", ".join(f"{name} {count}" for name, count in counts))
+    return lines
+
+
 def _eps_text(eps: float, norm: str) -> str:
     return f"{eps * 255:.3g}/255" if norm == "Linf" else f"{eps:.3g}"
 
@@ -134,6 +174,11 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
     parts += [f"- **{run.name}**: {', '.join(run.attacks)} (`{run.folder}`)"
               + ("" if run.shown == "worst" or len(run.attacks) <= 1 else f"; no worst-case rows yet, shown: {run.shown}")
               for run in runs]
+    differences = setting_differences(runs)
+    if differences:
+        parts += ["", "**Not like for like.** These runs differ in settings that change what the numbers mean "
+                  "(a stronger attack or other samples lower a curve by itself):", ""]
+        parts += [f"- {line}" for line in differences]
     for split in dict.fromkeys(split for run in runs for split in run.splits):
         series = [run.series(split) for run in runs]
         eps_values = sorted({eps for one in series for eps in one})

@@ -25,7 +25,7 @@ from torch import nn
 from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from checks import CheckSettings, run_checks
-from compare import compare, load_runs
+from compare import compare, load_runs, setting_differences
 from dataset import CLASS_NAMES, build_splits
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown
 from engine import Engine, prepare_model
@@ -328,6 +328,9 @@ def compare_runs(args: argparse.Namespace) -> list:
     with output_lock(out):
         compare(args.compare, out)
     print(f"compared {', '.join(run.name for run in runs)}; wrote {out / 'compare.png'} and {out / 'compare.md'}")
+    differences = setting_differences(runs)
+    if differences:
+        print(f"note: the runs are not like for like ({'; '.join(differences)}); compare.md says so")
     return runs
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -67,3 +68,41 @@ def test_compare_refuses_folders_without_results_or_of_other_tasks(tmp_path, cap
     assert rc == 2
     _assert_one_error_line(lines, fragment)
     assert not out.exists()
+
+
+def _write_config(folder, **config):
+    (folder / "results.json").write_text(json.dumps({"config": config, "rows": []}))
+
+
+def test_runs_measured_differently_are_named_not_like_for_like(tmp_path, capsys):
+    a = write_run(tmp_path / "a", "accuracy", [0.95, 0.40, 0.10])
+    b = write_run(tmp_path / "b", "accuracy", [0.95, 0.30, 0.05], attacks=("pgd", "apgd", "worst"))
+    _write_config(a, attacks=["pgd"], steps=10, alpha="2.5*eps/steps", targeted=False, data="d", limit=None)
+    _write_config(b, attacks=["pgd", "apgd"], steps=50, alpha="2.5*eps/steps", targeted=False, data="d", limit=None)
+    with open(b / "results.csv") as fh:
+        text = fh.read()
+    (b / "results.csv").write_text(text.replace(",10,", ",9,"))
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(["--compare", str(a), str(b), "--out", str(out)]))
+    printed = capsys.readouterr().out.splitlines()
+    table = (out / "compare.md").read_text()
+    assert "Not like for like" in table
+    assert '- steps: a 10, b 50' in table
+    assert '- attacks: a ["pgd"], b ["pgd", "apgd"]' in table
+    assert "- samples in val: a 10, b 9" in table and "- samples in test: a 10, b 9" in table
+    assert "alpha" not in table and "data:" not in table, "settings that agree are not listed"
+    assert any(line.startswith("note: the runs are not like for like (attacks: a") for line in printed), printed
+
+
+def test_runs_measured_alike_carry_no_note(tmp_path, capsys):
+    a = write_run(tmp_path / "a", "accuracy", [0.95, 0.40, 0.10])
+    b = write_run(tmp_path / "b", "accuracy", [0.90, 0.80, 0.60])
+    for folder in (a, b):
+        _write_config(folder, attacks=["pgd"], steps=10, targeted=False, data="d", limit=None)
+    c = write_run(tmp_path / "c", "accuracy", [0.90, 0.80, 0.60])  # no results.json: nothing to compare
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(["--compare", str(a), str(b), str(c), "--out", str(out)]))
+    assert "Not like for like" not in (out / "compare.md").read_text()
+    assert "note:" not in capsys.readouterr().out
