@@ -313,7 +313,7 @@ def robust_test_metrics(module: nn.Module, test_split: Any, args: argparse.Names
 def train(args: argparse.Namespace, dist: Dist) -> dict:
     """The training run itself; the main process holds the lock on ``args.out`` throughout."""
     device, adv = dist.device, adversarial_settings(args)
-    configure_determinism(args.deterministic)
+    configure_determinism(args.deterministic, device, args.task)
     seed_everything(args.seed)
     ckpt_dir = args.out / "checkpoints"
     if dist.is_main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,25 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return None
 
 
-def configure_determinism(deterministic: bool) -> None:
+def configure_determinism(deterministic: bool, device: torch.device | None = None,
+                          task: str = "classification") -> None:
     """Deterministic kernels, or cudnn's autotuner (as torchvision's reference scripts do):
     benchmark mode picks the fastest convolution algorithm per input shape, but the choice,
-    and with it the last bits of the results, may change from run to run."""
+    and with it the last bits of the results, may change from run to run.
+
+    On CUDA, deterministic cuBLAS matmuls need ``CUBLAS_WORKSPACE_CONFIG`` (set here when unset,
+    before the first cuBLAS call). The segmenter's bilinear-upsampling backward and pixel-wise
+    NLL loss have no deterministic CUDA kernels in PyTorch: rather than stop the run at its first
+    batch, they run as they are (``warn_only``) and a note says so."""
     torch.backends.cudnn.benchmark = not deterministic
-    torch.use_deterministic_algorithms(deterministic)
+    on_cuda = device is not None and device.type == "cuda"
+    if deterministic and on_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    warn_only = deterministic and on_cuda and task == "segmentation"
+    if warn_only:
+        print("note: --deterministic on CUDA: the segmenter's bilinear upsampling (backward) and pixel loss "
+              "have no deterministic CUDA kernels, so a resumed run matches up to float rounding")
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def unaugmented(train_ds: Any, task: str, image_size: int) -> Any:

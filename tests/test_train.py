@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -142,6 +143,27 @@ def test_cudnn_benchmark_is_on_unless_deterministic():
     finally:
         torch.backends.cudnn.benchmark = saved[0]
         torch.use_deterministic_algorithms(saved[1])
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_deterministic_on_cuda_sets_cublas_and_lets_the_segmenter_run(monkeypatch, capsys, task):
+    """PyTorch refuses cuBLAS matmuls without CUBLAS_WORKSPACE_CONFIG, and has no deterministic
+    CUDA kernel for bilinear-upsampling backward or 2-D NLL loss (the segmenter's first batch)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        train.configure_determinism(True, torch.device("cuda"), task)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled() == (task == "segmentation")
+        assert ("no deterministic CUDA kernels" in capsys.readouterr().out) == (task == "segmentation")
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+        train.configure_determinism(True, torch.device("cpu"), task)
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
 def test_amp_on_a_cpu_takes_bf16_only_where_it_is_native(monkeypatch):
