@@ -9,7 +9,9 @@ Both inner attacks come from attacks.py and run in eval mode (as the TRADES refe
 the unwrapped model, so that DistributedDataParallel only sees the training forwards. TRADES'
 training step then runs the clean and the adversarial batch through the model one after the
 other, as the reference does, so each has its own BatchNorm batch statistics. eps ramps up
-linearly from 0 over ``--adv-warmup-epochs``.
+linearly from 0 over ``--adv-warmup-epochs``. Under ``--amp``'s fp16 autocast (GPUs without
+bf16) the inner attacks see the model through ``attacks.for_autocast``, which rescales each
+sample's loss gradient; otherwise it flushes to zero and the model trains on nearly clean images.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from attacks import TRADES, build_attack
+from attacks import TRADES, build_attack, for_autocast
 from dataset import stratified_subset
 from distributed import Dist
 from engine import Engine, predict, predictions_under_attack
@@ -108,8 +110,8 @@ def adversarial_batch(model: nn.Module, images: torch.Tensor, targets: torch.Ten
     """PGD-AT's training images: the inner attack's adversarials of the current model."""
     if eps <= 0:
         return images
-    atk = build_attack(settings.attack, unwrap(model), eps, steps=settings.steps, alpha=settings.alpha_for(eps),
-                       random_start=True, num_classes=num_classes)
+    atk = build_attack(settings.attack, for_autocast(unwrap(model), images.device.type), eps,
+                       steps=settings.steps, alpha=settings.alpha_for(eps), random_start=True, num_classes=num_classes)
     return atk(images, targets).detach().contiguous(memory_format=_memory_format(images))
 
 
@@ -118,7 +120,8 @@ def trades_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, s
     """TRADES: CE on clean images + beta * KL(clean || adversarial); returns (loss, clean logits)."""
     adv = images
     if eps > 0:
-        atk = TRADES(unwrap(model), eps=eps, alpha=settings.alpha_for(eps), steps=settings.steps)
+        atk = TRADES(for_autocast(unwrap(model), images.device.type), eps=eps, alpha=settings.alpha_for(eps),
+                     steps=settings.steps)
         adv = atk(images).detach().contiguous(memory_format=_memory_format(images))
     logits, adv_logits = model(images).float(), model(adv).float()
     robust = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")

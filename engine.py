@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks import Attack, PGDSpec, fast_spec, pgd_loss, pgd_step, random_start_delta
+from attacks import Attack, PGDSpec, fast_spec, fp16_safe_logits, pgd_loss, pgd_step, random_start_delta
 from model import fold_batchnorm
 from splitdata import SplitSource
 from utils import ToolError
@@ -273,8 +273,12 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
     adv = pool.adv.detach().requires_grad_(True)
     with torch.autocast(engine.device.type, dtype=engine.autocast, enabled=engine.autocast is not None):
         logits = forward(model, adv)
+    if engine.autocast == torch.float16:
+        logits = fp16_safe_logits(logits)
     loss = pgd_loss(logits, pool.goals, spec, pool.step).sum()
     grad = torch.autograd.grad(loss, adv)[0]
+    if engine.autocast is not None:
+        grad = _finite_gradient(model, pool, grad, spec)
     stop = torch.zeros(len(pool), dtype=torch.bool)
     if fooled_fn is not None:
         stop = fooled_fn(logits.detach().argmax(1), pool.targets, pool.goals).cpu()
@@ -292,6 +296,18 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
         pool.adv[move] = pgd_step(pool.adv[move], pool.clean[move], grad[move], spec)
     pool.step = pool.step + (~stop).long()
     return stop | (pool.step >= spec.steps)
+
+
+def _finite_gradient(model: nn.Module, pool: _Pool, grad: torch.Tensor, spec: PGDSpec) -> torch.Tensor:
+    """``grad`` with the samples whose autocast gradient overflowed (inf/NaN) recomputed in fp32."""
+    bad = ~torch.isfinite(grad.flatten(1)).all(1)
+    if not bad.any():
+        return grad
+    adv = pool.adv[bad].detach().requires_grad_(True)
+    loss = pgd_loss(forward(model, adv), pool.goals[bad], spec, pool.step[bad.cpu()]).sum()
+    grad = grad.clone()
+    grad[bad] = torch.autograd.grad(loss, adv)[0].to(grad.dtype)
+    return grad
 
 
 def _fooled_in_fp32(model: nn.Module, pool: _Pool, flagged: torch.Tensor, fooled_fn, batch_size: int) -> torch.Tensor:

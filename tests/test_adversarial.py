@@ -130,6 +130,41 @@ def test_inner_attacks_under_bf16_autocast_and_channels_last(kind):
         assert 0 < (adv - images).abs().max() <= eps + 1e-6
 
 
+@pytest.mark.parametrize("kind", ["pgd", "trades"])
+def test_inner_attacks_under_fp16_autocast_still_step_on_a_confident_model(kind, monkeypatch):
+    """--amp on a GPU without bf16 runs the inner attack in fp16: a confident model's input
+    gradients underflow there, and without rescaling the images would barely move."""
+    import adversarial
+    from test_attacks import separable_images
+    from test_attacks import tiny_classifier as tiny
+    from test_attacks import train as fit
+
+    model = fit(tiny(), *separable_images())
+    with torch.no_grad():  # more confident (TRADES' KL also needs fp16 logits that still differ)
+        model[-1].weight.mul_(3 if kind == "pgd" else 1)
+        model[-1].bias.mul_(3 if kind == "pgd" else 1)
+    model.train()
+    images, targets = separable_images(n=20, size=32, seed=5)
+    eps = 8 / 255
+    settings = AdvSettings(kind=kind, eps=eps, steps=3)
+
+    def saturated_fraction() -> float:
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.float16):
+            if kind == "pgd":
+                adv = adversarial_batch(model, images, targets, settings, eps, 5)
+            else:
+                atk = adversarial.TRADES(adversarial.for_autocast(model, "cpu"), eps=eps,
+                                         alpha=settings.alpha_for(eps), steps=3)
+                adv = atk(images)
+        assert (adv - images).abs().max() <= eps + 1e-6
+        return ((adv - images).abs() >= 0.99 * eps).float().mean().item()
+
+    assert saturated_fraction() > 0.7, "sign steps carry most pixels to the eps boundary (fp32: 0.91 / 0.89)"
+    monkeypatch.setattr(adversarial, "for_autocast", lambda model, device_type: model)
+    assert saturated_fraction() < 0.3, "without the rescaling most pixels keep their random start"
+
+
 def test_trades_loss_is_ce_plus_beta_kl_of_the_inner_maximisation():
     model, beta, eps = tiny_classifier(batchnorm=False), 3.0, 8 / 255
     images, targets = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4])

@@ -1,6 +1,7 @@
 """The fast engine (engine.py) against torchattacks, and the in-memory splits it reads."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -221,6 +222,44 @@ def test_bf16_early_stop_trusts_only_the_fp32_prediction():
                                   autocast=torch.bfloat16)
     assert pred.item() == 0 and model(adv).argmax(1).item() == 0
     assert 0.005 < (images - adv).abs().max().item() <= 0.03 + 1e-6  # stepped past 0.5
+
+
+def confident_copy(model, factor):
+    """``model`` with its last layer scaled: the same predictions, far more confident."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model[-1].weight.mul_(factor)
+        model[-1].bias.mul_(factor)
+    return model
+
+
+def test_fp16_autocast_keeps_a_confident_samples_gradient(classifier, monkeypatch):
+    """A confidently classified sample's input gradient underflows fp16 (sign 0: no step)
+    unless each sample's gradient is rescaled at the fp32 logits before it enters the model."""
+    import engine
+
+    model, images, labels = classifier
+    model = confident_copy(model, 10)
+    atk = torchattacks.PGD(model, eps=4 / 255, alpha=4 / 255, steps=1, random_start=False)
+    fp32, _ = fast_adversarials(model, images, labels, atk)
+    fp16, _ = fast_adversarials(model, images, labels, atk, autocast=torch.float16)
+    assert (fp32 == images).float().mean() < 0.01, "fp32 moves (nearly) every pixel"
+    assert (fp16 == images).float().mean() < 0.01
+    assert (fp16 != fp32).float().mean() < 0.02, "the same steps up to fp16 rounding"
+    monkeypatch.setattr(engine, "fp16_safe_logits", lambda logits: logits)
+    unscaled, _ = fast_adversarials(model, images, labels, atk, autocast=torch.float16)
+    assert (unscaled == images).float().mean() > 0.5, "without the rescaling most pixels would not move"
+
+
+def test_an_overflowing_fp16_gradient_is_recomputed_in_fp32(classifier, monkeypatch):
+    import attacks
+
+    model, images, labels = classifier
+    atk = torchattacks.PGD(model, eps=4 / 255, alpha=4 / 255, steps=1, random_start=False)
+    fp32, _ = fast_adversarials(model, images, labels, atk)
+    monkeypatch.setattr(attacks, "FP16_GRADIENT_PEAK", 1e30)  # inf once cast to fp16
+    fp16, _ = fast_adversarials(model, images, labels, atk, autocast=torch.float16)
+    assert torch.equal(fp16, fp32)
 
 
 def test_precision_flags(monkeypatch):
