@@ -27,7 +27,7 @@ from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from checks import CheckSettings, run_checks
 from compare import compare, load_runs, setting_differences
 from dataset import CLASS_NAMES, build_splits
-from distributed import Dist, init_distributed, setup_for_distributed, shutdown
+from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
 from engine import Engine, prepare_model
 from files import output_lock
 from outcomes import gather_outcomes
@@ -343,14 +343,15 @@ def main(args: argparse.Namespace) -> Report | list:
     resolve_device(args.device)  # usage errors come before --out is created
     dist = init_distributed(args.device)
     restore_print = setup_for_distributed(dist.is_main)
-    try:
-        engine = build_engine(args, dist.device)
-        with output_lock(args.out) if dist.is_main else contextlib.nullcontext():
-            dist.barrier()
-            return run_sweep(args, dist, engine)
-    finally:
-        restore_print()
-        shutdown(dist)
+    with stop_together(dist):
+        try:
+            engine = build_engine(args, dist.device)
+            with output_lock(args.out) if dist.is_main else contextlib.nullcontext():
+                dist.barrier()
+                return run_sweep(args, dist, engine)
+        finally:
+            restore_print()
+            shutdown(dist)
 
 
 def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:

@@ -102,8 +102,12 @@ def test_a_failing_rank_ends_every_rank_quickly(checkpoints, tmp_path):
         corrupt.write_bytes(original)
     assert done.returncode != 0 and elapsed < 60
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and "cannot read image" in errors[0] and corrupt.name in errors[0]
-    assert "Traceback" not in "\n".join(line for line in done.stderr.splitlines() if "main.py" in line)
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert any("cannot read image" in line and corrupt.name in line for line in errors), errors
+    assert any("another process of this torchrun job failed" in line for line in errors), errors
+    rank_lines = [line for line in done.stderr.splitlines() if line.startswith("[rank")]
+    assert not any("Traceback" in line for line in rank_lines)
+    assert f'File "{ROOT / "main.py"}"' not in done.stderr
 
 
 def test_cuda_under_torchrun_with_fewer_gpus_than_local_processes_is_a_usage_error(monkeypatch):
