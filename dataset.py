@@ -319,11 +319,17 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0
     With ``sampler`` (e.g. a DistributedSampler) the loader does not shuffle itself. Workers
     are not persistent: fresh workers each epoch take their seeds from ``generator``, which
     train.py reseeds per epoch, so a resumed run sees exactly the same augmentations.
+
+    A training loader drops its last, partial batch (a batch of one breaks BatchNorm). Under a
+    sampler, every rank would drop its own: with 211 images and batch 16 an epoch would skip 19
+    images on 2 or 4 processes and 83 on 8, so there only a last batch of one is dropped.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
     n_items = len(sampler) if sampler is not None else len(dataset)
+    partial = n_items % batch_size
+    drop_last = train and n_items > batch_size and (sampler is None or partial == 1)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=torch.device(device).type == "cuda",
-                      drop_last=train and n_items > batch_size, persistent_workers=False,
+                      drop_last=drop_last, persistent_workers=False,
                       worker_init_fn=seed_worker, generator=generator)

@@ -356,6 +356,17 @@ def test_loader_batches(segmentation_root):
     assert not D.make_loader(ds, batch_size=len(ds), train=True).drop_last
 
 
+@pytest.mark.parametrize("n_items, batches", [(20, [16, 4]), (17, [16]), (16, [16])])
+def test_a_sharded_training_loader_drops_only_a_last_batch_of_one(n_items, batches):
+    """Each rank would otherwise drop its own partial batch, and epochs shrink with the world size."""
+    ds = torch.utils.data.TensorDataset(torch.arange(40.0))
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=40 // n_items, rank=0, shuffle=False) \
+        if 40 % n_items == 0 else list(range(n_items))
+    loader = D.make_loader(ds, batch_size=16, train=True, sampler=sampler)
+    assert [len(b[0]) for b in loader] == batches
+    assert [len(b[0]) for b in D.make_loader(torch.utils.data.Subset(ds, range(n_items)), 16, train=True)] == [16]
+
+
 def test_loader_with_workers_is_reproducible(classification_root):
     ds = D.build_splits("classification", classification_root, image_size=16)["train"]
 
