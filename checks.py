@@ -12,9 +12,10 @@ c. iterative beats single-step: PGD is at most FGSM at every swept eps up to 16/
 d. converged: 5x the steps (plus 4 random restarts for classification) moves the metric by
    less than 2 points at the median eps;
 e. white-box beats black-box: Square (classification, 1000 queries), run on the samples PGD
-   left robust at the median eps, fools at most 2 % of the subset;
-f. noise: uniform noise of the same eps moves the metric far less than PGD;
-g. gradients: no sample has an input gradient that is exactly zero;
+   left robust at the median eps and at the largest checked eps, fools at most 2 % of the subset;
+f. noise: at every checked eps, uniform noise of that eps moves the metric far less than PGD;
+g. gradients: no sample has an input gradient that is exactly zero (segmentation: at most 10 %
+   of the pixels have a loss gradient that is exactly zero, i.e. a saturated softmax);
 h. the model returns logits (not probabilities), and two forward passes agree.
 
 PGD here is always L-inf ``pgd`` with the sweep's steps and step-size rule; where the sweep
@@ -222,38 +223,72 @@ def check_converged(subset: _Subset, eps: float, pgd: _PGDResults) -> Check:
                  f"{eps * 255:.3g}/255; must be < {POINTS}, else raise --steps")
 
 
-def check_black_box(subset: _Subset, eps: float, pgd: _PGDResults) -> Check:
-    """Square only where PGD failed: what it fools there is what the gradient missed."""
+def check_black_box(subset: _Subset, eps_values: Sequence[float], pgd: _PGDResults) -> Check:
+    """Square only where PGD failed: what it fools there is what the gradient missed. Run at the
+    median and at the largest checked eps: a masked model can look robust to both at a small
+    eps, where a healthy one is robust too."""
     if not subset.classification:
         return Check("e", "white-box beats black-box", "SKIP", None, "Square is a classification attack")
-    pgd_robust = pgd.robust(eps)
     queries = subset.settings.square_queries
-    pred = subset.attacked_pred("square", eps, steps=queries, only=pgd_robust)
-    extra = (pgd_robust & (pred != subset.labels)).double().mean().item()
+    results = []
+    for eps in eps_values:
+        pgd_robust = pgd.robust(eps)
+        pred = subset.attacked_pred("square", eps, steps=queries, only=pgd_robust)
+        results.append(((pgd_robust & (pred != subset.labels)).double().mean().item(), eps, int(pgd_robust.sum())))
+    extra, eps, robust = max(results)
     return Check("e", "white-box beats black-box", _verdict(extra <= POINTS), extra,
-                 f"fraction fooled by Square ({queries} queries) among the {int(pgd_robust.sum())} samples PGD "
-                 f"left robust at eps {eps * 255:.3g}/255; must be <= {POINTS}")
+                 f"share of the subset that Square ({queries} queries) fools among the {robust} samples PGD left "
+                 f"robust at eps {eps * 255:.3g}/255 (worst of {_eps_list(eps_values)}); must be <= {POINTS}")
 
 
-def check_noise(subset: _Subset, eps: float, pgd: float) -> Check:
+def _eps_list(eps_values: Sequence[float]) -> str:
+    return ", ".join(f"{eps * 255:.3g}/255" for eps in eps_values)
+
+
+def check_noise(subset: _Subset, eps_values: Sequence[float], pgd_metric: Callable[[float], float]) -> Check:
+    """Uniform noise against PGD at every checked eps (the largest is where a masked model shows:
+    PGD barely moves it while noise does)."""
     clean = subset.clean_metric()
-    noise_drop, pgd_drop = clean - subset.metric_of(subset.noise_pred(eps)), clean - pgd
-    ok = noise_drop <= max(0.5 * pgd_drop, 0.01)
-    return Check("f", "noise is weaker than PGD", _verdict(ok), noise_drop,
-                 f"drop under uniform noise at eps {eps * 255:.3g}/255 vs {pgd_drop:.4f} under PGD; "
-                 "must be at most half of it")
+    worst = None
+    for eps in eps_values:
+        noise_drop, pgd_drop = clean - subset.metric_of(subset.noise_pred(eps)), clean - pgd_metric(eps)
+        excess = noise_drop - max(0.5 * pgd_drop, 0.01)
+        if worst is None or excess > worst[0]:
+            worst = (excess, eps, noise_drop, pgd_drop)
+    excess, eps, noise_drop, pgd_drop = worst
+    return Check("f", "noise is weaker than PGD", _verdict(excess <= 0), noise_drop,
+                 f"drop under uniform noise at eps {eps * 255:.3g}/255 vs {pgd_drop:.4f} under PGD (the worst of "
+                 f"{_eps_list(eps_values)}); must be at most half of it")
+
+
+SATURATED_PIXELS = 0.1
 
 
 def check_gradients(subset: _Subset) -> Check:
-    zero = 0
+    """Classification: samples whose input gradient is exactly 0. Segmentation: labelled pixels
+    whose loss gradient at the logits is exactly 0 (a saturated softmax). An image's input
+    gradient is almost never 0 as a whole, since its few unsaturated pixels reach every input
+    pixel, so counting images would pass a segmenter whose softmax saturates on 99 % of its
+    pixels (its Dice overstated by 13 points in a helper's test); a trained UResNet18 has none."""
+    zero = total = 0
     for chunk in torch.arange(len(subset.source)).split(subset.engine.batch_size):
         images, targets = subset.source.batch(chunk, subset.engine.device, subset.engine.memory_format)
         images.requires_grad_(True)
-        loss = F.cross_entropy(forward(subset.model, images).float(), targets, reduction="sum")
-        grad = torch.autograd.grad(loss, images)[0]
-        zero += (grad.flatten(1).abs().amax(1) == 0).sum().item()
-    fraction = zero / len(subset.source)
-    return Check("g", "gradients", _verdict(zero == 0), fraction, "fraction of samples whose input gradient is exactly 0")
+        logits = forward(subset.model, images).float()
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        grad_logits, grad = torch.autograd.grad(loss, [logits, images])
+        if subset.classification:
+            zero += (grad.flatten(1).abs().amax(1) == 0).sum().item()
+            total += len(chunk)
+        else:
+            zero += (grad_logits.abs().amax(1) == 0).sum().item()
+            total += targets.numel()
+    fraction = zero / max(total, 1)
+    if subset.classification:
+        return Check("g", "gradients", _verdict(zero == 0), fraction,
+                     "fraction of samples whose input gradient is exactly 0")
+    return Check("g", "gradients", _verdict(fraction <= SATURATED_PIXELS), fraction,
+                 f"fraction of pixels whose loss gradient is exactly 0 (saturated softmax); must be <= {SATURATED_PIXELS}")
 
 
 @torch.no_grad()
@@ -283,12 +318,13 @@ def run_checks(model: nn.Module, source: SplitSource, settings: CheckSettings, e
     key = primary_metric(settings.task)
     linf = [e for e in settings.eps_list if 0 < e <= CHECK_EPS_MAX] if settings.norm == "Linf" else LINF_CHECK_EPS
     middle = median_eps(settings.eps_list if settings.norm == "Linf" else LINF_CHECK_EPS)
+    probes = sorted({middle, max(linf, default=middle)})
     pgd_metric = _PGDResults(subset, sweep_state, settings)
     results = [check_monotone(rows, key)]
     for make in (lambda: check_unbounded(subset, key), lambda: check_single_step(subset, linf, pgd_metric),
                  lambda: check_converged(subset, middle, pgd_metric),
-                 lambda: check_black_box(subset, middle, pgd_metric),
-                 lambda: check_noise(subset, middle, pgd_metric(middle)),
+                 lambda: check_black_box(subset, probes, pgd_metric),
+                 lambda: check_noise(subset, linf or [middle], pgd_metric),
                  lambda: check_gradients(subset), lambda: check_logits(subset)):
         results.append(make())
     for check in results:

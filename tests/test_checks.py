@@ -81,6 +81,52 @@ def test_segmentation_checks_skip_square():
     assert checks["e"]["status"] == "SKIP" and checks["b"]["status"] == "PASS" and checks["g"]["status"] == "PASS"
 
 
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_a_segmenter_whose_softmax_saturates_is_flagged():
+    """Logits x 1e4: nearly every pixel's loss gradient is exactly 0, yet the few wrong pixels
+    give every image a non-zero input gradient, so counting images would pass it."""
+    model = train(tiny_segmenter(), *segmentation_images(n=16), steps=40)
+    images, masks = segmentation_images(n=8, seed=6)
+    checks = checklist(nn.Sequential(model, Scale(1e4)).eval(), images, masks, task="segmentation",
+                       eps_list=[0.0, 4 / 255, 8 / 255])
+    assert checks["g"]["status"] == "WARN" and checks["g"]["value"] > 0.9, checks["g"]
+    assert "pixels" in checks["g"]["detail"]
+
+
+class Leak(nn.Module):
+    """A quantised classifier plus a small label-independent linear term: PGD follows the leak's
+    useless gradient, so the model looks robust at every eps."""
+
+    def __init__(self, classifier: nn.Module, size: int = 16) -> None:
+        super().__init__()
+        self.classifier, self.quantise = classifier, Quantise()
+        weights = torch.randn(len(CLASS_NAMES), 3 * size * size, generator=torch.Generator().manual_seed(1))
+        self.register_buffer("weights", 0.3 * weights / (3 * size * size) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.quantise(x)) + x.flatten(1) @ self.weights.T
+
+
+def test_square_and_noise_also_run_at_the_largest_checked_eps(classifier):
+    """With a low median eps (2/255 here) a masked model and a healthy one are both robust there;
+    at 16/255 Square fools what PGD could not."""
+    images, labels = separable_images(n=40, seed=4)
+    eps_list = [0.0, 1 / 255, 2 / 255, 4 / 255, 16 / 255]
+    checks = checklist(Leak(classifier).eval(), images, labels, eps_list=eps_list)
+    assert checks["e"]["status"] == "WARN" and "16/255" in checks["e"]["detail"], checks["e"]
+    assert "16/255" in checks["f"]["detail"]
+    healthy = checklist(classifier, images, labels, eps_list=eps_list)
+    assert healthy["e"]["status"] == "PASS" and healthy["f"]["status"] == "PASS"
+
+
 def test_monotone_flags_a_metric_that_rises_with_eps():
     rows = [{"split": "test", "attack": "pgd", "eps": e, "dice_mean": d} for e, d in ((0, 0.9), (0.01, 0.5), (0.02, 0.6))]
     check = check_monotone(rows, "dice_mean")
