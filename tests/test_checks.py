@@ -134,6 +134,27 @@ def test_monotone_flags_a_metric_that_rises_with_eps():
     assert check_monotone(rows[:2], "dice_mean").status == "PASS"
 
 
+def test_monotone_also_flags_a_fresh_pgd_whose_accuracy_rises_with_eps():
+    """Classification rows are cumulative and cannot rise; fresh per-eps runs can."""
+    rows = [{"split": "test", "attack": "pgd", "eps": e, "accuracy": a} for e, a in ((0, 0.9), (0.01, 0.5), (0.02, 0.5))]
+    rising = check_monotone(rows, "accuracy", {0.01: 0.5, 0.02: 0.55}, n=40)
+    assert rising.status == "WARN" and rising.value == pytest.approx(0.05) and "fresh PGD" in rising.detail
+    one_sample = check_monotone(rows, "accuracy", {0.01: 0.5, 0.02: 0.525}, n=40)
+    assert one_sample.status == "PASS" and one_sample.value == pytest.approx(0.025)
+
+
+def test_a_randomised_classifier_is_flagged_by_the_monotone_check(classifier):
+    """Input noise makes each PGD run a gamble: more budget can fool fewer samples."""
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return classifier(x + 0.15 * torch.randn_like(x))
+
+    images, labels = separable_images(n=40, seed=4)
+    torch.manual_seed(0)
+    checks = checklist(Noisy().eval(), images, labels, eps_list=[0.0] + [k / 255 for k in range(1, 13)], limit=40)
+    assert checks["a"]["status"] == "WARN" and "fresh PGD" in checks["a"]["detail"], checks["a"]
+
+
 def test_worst_pred_keeps_each_images_lowest_dice():
     from checks import _Subset
     masks = torch.zeros(2, 4, 4, dtype=torch.long)
