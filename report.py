@@ -49,6 +49,15 @@ def resume_fields(config: dict) -> tuple[str, ...]:
     return RESUME_FIELDS + (("batch_size",) if config.get("numbers_depend_on_batch_size") else ())
 
 
+def _checklist_context(context: dict | None) -> list[str]:
+    """The line above the checklist: which samples it ran on, and whether PGD is the sweep's own."""
+    if not context:
+        return []
+    pgd = "the sweep's own PGD results" if context.get("reuses_sweep_pgd") else "fresh PGD runs"
+    return [f"On a stratified subset of {context.get('samples')} {context.get('split')} samples, with {pgd} "
+            "where a check compares with PGD.", ""]
+
+
 def config_fingerprint(config: dict) -> str:
     """A short hash of the fields that decide the numbers (stored in the sweep state files)."""
     subset = {key: config.get(key) for key in resume_fields(config)}
@@ -310,7 +319,7 @@ def render_markdown(report: Report, curve: Path, grid: Path | None) -> str:
         f"## {key} by attack", "", pivot_table(report, key), "",
     ]
     if report.checks is not None:
-        parts += ["## Gradient-masking checklist", "",
+        parts += ["## Gradient-masking checklist", "", *_checklist_context(cfg.get("checklist")),
                   markdown_table(report.checks, ["id", "name", "status", "value", "detail"]), ""]
     if grid is not None:
         parts += [f"![examples]({grid.relative_to(report.out).as_posix()})", ""]

@@ -74,6 +74,32 @@ def test_a_model_returning_probabilities_is_flagged(classifier):
     assert checks["h"]["status"] == "WARN" and "probabilities" in checks["h"]["detail"]
 
 
+def test_the_determinism_check_is_relative_to_the_logits_scale(classifier):
+    """Two passes of a model with logits near 1e4 differ in the last float bits (GPU kernels);
+    that is not randomness."""
+    from checks import check_logits
+
+    images, labels = separable_images(n=16, seed=4)
+    settings = CheckSettings(task="classification", class_names=CLASS_NAMES, eps_list=EPS)
+
+    class Jitter(nn.Module):
+        def __init__(self, scale: float, wobble: float) -> None:
+            super().__init__()
+            self.scale, self.wobble, self.calls = scale, wobble, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return classifier(x) * self.scale + self.wobble * self.calls
+
+    def verdict(scale, wobble):
+        model = Jitter(scale, wobble).eval()
+        subset = _Subset(model, TensorSplit(images, labels), settings, Engine(batch_size=16), "test", list(range(16)))
+        return check_logits(subset).status
+
+    assert verdict(1e4, 1e-3) == "PASS", "1e-3 on logits of 1e4 is rounding"
+    assert verdict(1.0, 1e-3) == "WARN", "1e-3 on logits near 1 is randomness"
+
+
 def test_segmentation_checks_skip_square():
     model = train(tiny_segmenter(), *segmentation_images(n=16), steps=40)
     images, masks = segmentation_images(n=8, seed=6)

@@ -54,6 +54,8 @@ def test_segmentation_sweep_with_three_attacks_writes_rows_figure_and_checklist(
     assert all(check["status"] in ("PASS", "WARN", "SKIP") for check in saved["checks"])
     report = (out / "report.md").read_text()
     assert "## Gradient-masking checklist" in report and "| pgd | segpgd | cospgd | worst |" in report
+    assert "On a stratified subset of 4 test samples, with the sweep's own PGD results" in report
+    assert saved["config"]["checklist"] == {"split": "test", "samples": 4, "reuses_sweep_pgd": True}
     assert (out / "Images" / "AccSegme.png").read_bytes()[:4] == b"\x89PNG"
     assert saved["config"]["attacks"] == ["pgd", "segpgd", "cospgd"] and saved["config"]["engine"] == "fast"
 
