@@ -259,8 +259,8 @@ def check_black_box(subset: _Subset, eps_values: Sequence[float], pgd: _PGDResul
     for eps in eps_values:
         pgd_robust = pgd.robust(eps)
         pred = subset.attacked_pred("square", eps, steps=queries, only=pgd_robust)
-        results.append(((pgd_robust & (pred != subset.labels)).double().mean().item(), eps, int(pgd_robust.sum())))
-    extra, eps, robust = max(results)
+        results.append(((pgd_robust & (pred != subset.labels)).double().mean().item(), int(pgd_robust.sum()), eps))
+    extra, robust, eps = max(results)  # on a tie, the eps where Square had the most samples to try
     return Check("e", "white-box beats black-box", _verdict(extra <= POINTS), extra,
                  f"share of the subset that Square ({queries} queries) fools among the {robust} samples PGD left "
                  f"robust at eps {eps * 255:.3g}/255 (worst of {_eps_list(eps_values)}); must be <= {POINTS}")
