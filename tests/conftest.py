@@ -159,3 +159,15 @@ def write_tiny_checkpoint(path: Path, task: str, data: Path | None = None) -> Pa
             "image_size": 32, "skip_missing_masks": False}
     save_checkpoint(path, model, task=task, depth=18, class_names=names, image_size=32, args=args, **stats)
     return path
+
+
+def assert_ranks_stopped_with_one_line_errors(stderr: str, corrupt: Path, script: Path) -> None:
+    """A torchrun job in which one rank read the corrupt image ``corrupt``: each of the two
+    ranks ends with one ``error:`` line (the cause, and the peer that stopped), no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, stderr[-3000:]
+    assert any("cannot read image" in line and corrupt.name in line for line in errors), errors
+    assert any("another process of this torchrun job failed" in line for line in errors), errors
+    rank_lines = [line for line in stderr.splitlines() if line.startswith("[rank")]
+    assert not any("Traceback" in line for line in rank_lines)
+    assert f'File "{script}"' not in stderr

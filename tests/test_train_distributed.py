@@ -17,6 +17,7 @@ import torch
 import dataset
 import train
 from adversarial import robust_metrics, split_source
+from conftest import assert_ranks_stopped_with_one_line_errors
 from checkpoint import load_checkpoint, model_from_checkpoint
 from main import get_args_parser as sweep_parser
 from main import main as run_sweep
@@ -89,11 +90,5 @@ def test_a_failing_rank_ends_every_rank_quickly_with_one_line_errors(make_classi
     done = torchrun_train(argv, tmp_path)
     elapsed = time.monotonic() - start
     assert done.returncode != 0 and elapsed < 60
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2, done.stderr[-3000:]
-    assert any("cannot read image" in line and corrupt.name in line for line in errors), errors
-    assert any("another process of this torchrun job failed" in line for line in errors), errors
-    rank_lines = [line for line in done.stderr.splitlines() if line.startswith("[rank")]
-    assert not any("Traceback" in line for line in rank_lines)
-    assert f'File "{ROOT / "train.py"}"' not in done.stderr
+    assert_ranks_stopped_with_one_line_errors(done.stderr, corrupt, ROOT / "train.py")
     assert not (tmp_path / "run" / "metrics.json").exists()
