@@ -100,6 +100,28 @@ def test_the_determinism_check_is_relative_to_the_logits_scale(classifier):
     assert verdict(1.0, 1e-3) == "WARN", "1e-3 on logits near 1 is randomness"
 
 
+def test_the_noise_check_takes_each_samples_worst_of_several_draws():
+    class FirstPixel(nn.Module):
+        """Class 1 iff the first pixel is above 0.5: uniform noise flips samples near 0.5."""
+
+        def forward(self, x):
+            v = x[:, 0, 0, 0:1] - 0.5
+            return torch.cat([-v, v], 1)
+
+    images = torch.rand(40, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    images[:, 0, 0, 0] = 0.5 + torch.linspace(-0.03, 0.03, 40) + 0.001
+    labels = (images[:, 0, 0, 0] > 0.5).long()
+    settings = CheckSettings(task="classification", class_names=["low", "high"], eps_list=EPS)
+    subset = _Subset(FirstPixel(), TensorSplit(images, labels), settings, Engine(batch_size=16), "test", list(range(40)))
+    eps = 0.04
+    singles = [subset._one_noise_pred(eps, k) for k in range(5)]
+    assert not all(torch.equal(singles[0], other) for other in singles[1:]), "the draws differ"
+    worst = subset.noise_pred(eps, draws=5)
+    fooled_by_any = torch.stack([pred != subset.labels for pred in singles]).any(0)
+    assert torch.equal(worst != subset.labels, fooled_by_any)
+    assert subset.metric_of(worst) < min(subset.metric_of(pred) for pred in singles)
+
+
 def test_segmentation_checks_skip_square():
     model = train(tiny_segmenter(), *segmentation_images(n=16), steps=40)
     images, masks = segmentation_images(n=8, seed=6)
