@@ -291,8 +291,8 @@ def check_noise(subset: _Subset, eps_values: Sequence[float], pgd_metric: Callab
             worst = (excess, eps, noise_drop, pgd_drop)
     excess, eps, noise_drop, pgd_drop = worst
     return Check("f", "noise is weaker than PGD", _verdict(excess <= 0), noise_drop,
-                 f"drop under uniform noise (worst of {NOISE_DRAWS} draws) at eps {eps * 255:.3g}/255 vs {pgd_drop:.4f} under PGD (the worst of "
-                 f"{_eps_list(eps_values)}); must be at most half of it")
+                 f"drop under uniform noise (worst of {NOISE_DRAWS} draws) at eps {eps * 255:.3g}/255 vs "
+                 f"{pgd_drop:.4f} under PGD (the worst of {_eps_list(eps_values)}); must be at most half of it")
 
 
 SATURATED_PIXELS = 0.1
@@ -322,7 +322,8 @@ def check_gradients(subset: _Subset) -> Check:
         return Check("g", "gradients", _verdict(zero == 0), fraction,
                      "fraction of samples whose input gradient is exactly 0")
     return Check("g", "gradients", _verdict(fraction <= SATURATED_PIXELS), fraction,
-                 f"fraction of pixels whose loss gradient is exactly 0 (saturated softmax); must be <= {SATURATED_PIXELS}")
+                 "fraction of pixels whose loss gradient is exactly 0 (saturated softmax); "
+                 f"must be <= {SATURATED_PIXELS}")
 
 
 @torch.no_grad()

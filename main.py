@@ -315,8 +315,9 @@ def run_checklist(args: argparse.Namespace, ckpt: Mapping, model: nn.Module, eng
     start = time.perf_counter()
     report.add_checks(run_checks(model, source, settings, engine, report.sorted_rows(), split=split,
                                  sweep_state=outcomes if not args.targeted else None, on_line=print))
+    reuses_pgd = not args.targeted and args.norm == "Linf" and "pgd" in args.attacks
     report.config["checklist"] = {"split": split, "samples": min(args.check_limit, len(source)),
-                                  "reuses_sweep_pgd": not args.targeted and args.norm == "Linf" and "pgd" in args.attacks}
+                                  "reuses_sweep_pgd": reuses_pgd}
     sweep_seconds = sum(row["seconds"] for row in report.sorted_rows() if row["attack"] != "worst")
     report.config["seconds"] = {"sweep": round(sweep_seconds, 1), "checks": round(time.perf_counter() - start, 1)}
     print(f"checklist: {report.config['seconds']['checks']:.0f} s, "

@@ -112,7 +112,8 @@ def test_the_noise_check_takes_each_samples_worst_of_several_draws():
     images[:, 0, 0, 0] = 0.5 + torch.linspace(-0.03, 0.03, 40) + 0.001
     labels = (images[:, 0, 0, 0] > 0.5).long()
     settings = CheckSettings(task="classification", class_names=["low", "high"], eps_list=EPS)
-    subset = _Subset(FirstPixel(), TensorSplit(images, labels), settings, Engine(batch_size=16), "test", list(range(40)))
+    subset = _Subset(FirstPixel(), TensorSplit(images, labels), settings, Engine(batch_size=16), "test",
+                     list(range(40)))
     eps = 0.04
     singles = [subset._one_noise_pred(eps, k) for k in range(5)]
     assert not all(torch.equal(singles[0], other) for other in singles[1:]), "the draws differ"
@@ -184,7 +185,8 @@ def test_monotone_flags_a_metric_that_rises_with_eps():
 
 def test_monotone_also_flags_a_fresh_pgd_whose_accuracy_rises_with_eps():
     """Classification rows are cumulative and cannot rise; fresh per-eps runs can."""
-    rows = [{"split": "test", "attack": "pgd", "eps": e, "accuracy": a} for e, a in ((0, 0.9), (0.01, 0.5), (0.02, 0.5))]
+    rows = [{"split": "test", "attack": "pgd", "eps": e, "accuracy": a}
+            for e, a in ((0, 0.9), (0.01, 0.5), (0.02, 0.5))]
     rising = check_monotone(rows, "accuracy", {0.01: 0.5, 0.02: 0.55}, n=40)
     assert rising.status == "WARN" and rising.value == pytest.approx(0.05) and "fresh PGD" in rising.detail
     one_sample = check_monotone(rows, "accuracy", {0.01: 0.5, 0.02: 0.525}, n=40)

@@ -103,6 +103,7 @@ def test_runs_measured_alike_carry_no_note(tmp_path, capsys):
     c = write_run(tmp_path / "c", "accuracy", [0.90, 0.80, 0.60])  # no results.json: nothing to compare
     out = tmp_path / "cmp"
     capsys.readouterr()
-    assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(["--compare", str(a), str(b), str(c), "--out", str(out)]))
+    argv = ["--compare", str(a), str(b), str(c), "--out", str(out)]
+    assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(argv))
     assert "Not like for like" not in (out / "compare.md").read_text()
     assert "note:" not in capsys.readouterr().out
