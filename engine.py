@@ -273,11 +273,12 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
     adv = pool.adv.detach().requires_grad_(True)
     with torch.autocast(engine.device.type, dtype=engine.autocast, enabled=engine.autocast is not None):
         logits = forward(model, adv)
-    if engine.autocast == torch.float16:
+    fp16 = engine.autocast == torch.float16
+    if fp16:
         logits = fp16_safe_logits(logits)
     loss = pgd_loss(logits, pool.goals, spec, pool.step).sum()
     grad = torch.autograd.grad(loss, adv)[0]
-    if engine.autocast is not None:
+    if fp16:  # bf16 has fp32's range: only fp16 can overflow (and this check costs a sync per step)
         grad = _finite_gradient(model, pool, grad, spec)
     stop = torch.zeros(len(pool), dtype=torch.bool)
     if fooled_fn is not None:
@@ -299,7 +300,7 @@ def _advance(model: nn.Module, pool: _Pool, spec: PGDSpec, engine: Engine, foole
 
 
 def _finite_gradient(model: nn.Module, pool: _Pool, grad: torch.Tensor, spec: PGDSpec) -> torch.Tensor:
-    """``grad`` with the samples whose autocast gradient overflowed (inf/NaN) recomputed in fp32."""
+    """``grad`` with the samples whose fp16 gradient overflowed (inf/NaN) recomputed in fp32."""
     bad = ~torch.isfinite(grad.flatten(1)).all(1)
     if not bad.any():
         return grad
