@@ -205,12 +205,15 @@ def check_monotone(rows: Sequence[dict], key: str, fresh: dict[float, float] | N
     return Check("a", "monotone", _verdict(ok), max(rise, fresh_rise), detail)
 
 
-def fresh_pgd_metrics(subset: _Subset, eps_values: Sequence[float]) -> dict[float, float] | None:
+def fresh_pgd_metrics(subset: _Subset, eps_values: Sequence[float], pgd: _PGDResults) -> dict[float, float] | None:
     """Classification: the subset's accuracy under a PGD run afresh at each eps (None for
-    segmentation, whose table rows are independent per eps already)."""
+    segmentation, whose table rows are independent per eps already). The checklist's own PGD
+    is already fresh where it is not the sweep's, and so is the sweep's at its smallest eps
+    (nothing carries forward into it): those runs are reused, not repeated."""
     if not subset.classification:
         return None
-    return {eps: subset.metric_of(subset.attacked_pred("pgd", eps, tag="fresh")) for eps in eps_values}
+    return {eps: pgd(eps) if not pgd.reused(eps) or eps == min(eps_values)
+            else subset.metric_of(subset.attacked_pred("pgd", eps, tag="fresh")) for eps in eps_values}
 
 
 def check_unbounded(subset: _Subset, key: str) -> Check:
@@ -356,7 +359,7 @@ def run_checks(model: nn.Module, source: SplitSource, settings: CheckSettings, e
     probes = sorted({middle, max(linf, default=middle)})
     pgd_metric = _PGDResults(subset, sweep_state, settings)
     swept = sorted(e for e in settings.eps_list if 0 < e <= 1) if settings.norm == "Linf" else list(LINF_CHECK_EPS)
-    results = [check_monotone(rows, key, fresh_pgd_metrics(subset, swept), len(indices))]
+    results = [check_monotone(rows, key, fresh_pgd_metrics(subset, swept, pgd_metric), len(indices))]
     for make in (lambda: check_unbounded(subset, key), lambda: check_single_step(subset, linf, pgd_metric),
                  lambda: check_converged(subset, middle, pgd_metric),
                  lambda: check_black_box(subset, probes, pgd_metric),
