@@ -191,9 +191,7 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def compare(folders: Sequence[str], out: Path) -> list[Run]:
-    """Write ``compare.png`` and ``compare.md`` for the runs in ``folders`` into ``out``."""
-    runs = load_runs(folders)
+def compare(runs: Sequence[Run], out: Path) -> None:
+    """Write ``compare.png`` and ``compare.md`` for ``runs`` (from :func:`load_runs`) into ``out``."""
     plot_comparison(runs, out / "compare.png")
     atomic_write_text(out / "compare.md", comparison_markdown(runs))
-    return runs

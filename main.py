@@ -329,7 +329,7 @@ def compare_runs(args: argparse.Namespace) -> list:
     runs = load_runs(args.compare)  # usage errors come before --out is created
     out = Path(args.out or "Comparison")
     with output_lock(out):
-        compare(args.compare, out)
+        compare(runs, out)
     print(f"compared {', '.join(run.name for run in runs)}; wrote {out / 'compare.png'} and {out / 'compare.md'}")
     differences = setting_differences(runs)
     if differences:
