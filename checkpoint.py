@@ -162,8 +162,15 @@ ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_data": (_optional_path, "a path or null"),
     "test_data": (_optional_path, "a path or null"),
     "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "split_seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "skip_missing_masks": (lambda v: isinstance(v, bool), "true or false"),
 }
+
+
+def split_seed(train_args: Mapping) -> int:
+    """The seed of a run's data split: ``--split-seed``, or ``--seed`` for a checkpoint written
+    before the split had its own seed (which split with it)."""
+    return train_args.get("split_seed", train_args.get("seed", 0))
 
 
 def _bad_field(path: Path, field: str, value: Any, expected: str) -> CheckpointError:

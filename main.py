@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
-from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, split_seed
 from checks import CheckSettings, run_checks
 from compare import compare, load_runs, setting_differences
 from dataset import CLASS_NAMES, build_splits
@@ -223,7 +223,7 @@ def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
     train_args = ckpt.get("args") or {}
     datasets = build_splits(args.task, args.data, val_data=train_args.get("val_data"),
                             test_data=train_args.get("test_data"), image_size=ckpt["image_size"],
-                            seed=train_args.get("seed", 0), limit=args.limit,
+                            seed=split_seed(train_args), limit=args.limit,
                             skip_missing_masks=bool(train_args.get("skip_missing_masks", False)),
                             augment_train=False)
     trained_on = ckpt.get("split_digests") or {}

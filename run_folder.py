@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from checkpoint import load_checkpoint, load_weights, validate_resume_state
+from checkpoint import load_checkpoint, load_weights, split_seed, validate_resume_state
 from files import atomic_path
 from utils import CheckpointError, ToolError, primary_metric
 
 #: Flags that change a run's numbers: --resume refuses to continue a run with any of them changed.
 RESUME_FLAGS = ("opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights", "label_smoothing",
-                "dice_weight", "seed", "data", "val_data", "test_data", "limit", "skip_missing_masks", "amp",
-                "sync_bn", "adv", "adv_eps", "adv_steps", "adv_alpha", "adv_warmup_epochs", "trades_beta",
+                "dice_weight", "seed", "split_seed", "data", "val_data", "test_data", "limit", "skip_missing_masks",
+                "amp", "sync_bn", "adv", "adv_eps", "adv_steps", "adv_alpha", "adv_warmup_epochs", "trades_beta",
                 "adv_attack", "adv_val_limit")
 #: What a checkpoint written before a flag existed was trained with (compared on --resume).
 RESUME_DEFAULTS = {"sync_bn": False, "adv": "none"}
@@ -67,7 +67,7 @@ def load_resume(args: argparse.Namespace, ckpt_dir: Path, main_process: bool = T
                               + (" with --overwrite" if (ckpt_dir / "best.pt").exists() else ""))
     ckpt = load_checkpoint(path, task=args.task, depth=args.depth, image_size=args.image_size)
     validate_resume_state(path, ckpt)
-    recorded = ckpt["args"]
+    recorded = {**ckpt["args"], "split_seed": split_seed(ckpt["args"])}
     for flag in RESUME_FLAGS:
         was = recorded.get(flag, RESUME_DEFAULTS.get(flag, getattr(args, flag)))
         if was != getattr(args, flag):

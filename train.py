@@ -86,7 +86,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="keep NCHW memory format (channels_last is faster for convolutions)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
-    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--seed", default=0, type=int,
+                        help="seeds the augmentation, the shuffling and the initial weights")
+    parser.add_argument("--split-seed", default=0, type=int,
+                        help="seeds the train/val/test split of --data (runs with different --seed keep their "
+                             "test images)")
     parser.add_argument("--out", default=None, help="output folder (default Classification/ or Segmentation/)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
     parser.add_argument("--overwrite", action="store_true",
@@ -123,6 +127,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for value in args.std or ():
         check_number("--std", value, low=0, low_open=True)
     check_seed(args.seed)
+    check_seed(args.split_seed, "--split-seed")
     args.adv_eps = adversarial_settings(args).eps
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it; pass only one")
@@ -324,7 +329,7 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     dist.barrier()  # with --resume, the main rank has restored best.pt before any rank goes on
 
     splits = dataset.build_splits(args.task, args.data, args.val_data, args.test_data,
-                                  image_size=args.image_size, seed=args.seed, limit=args.limit,
+                                  image_size=args.image_size, seed=args.split_seed, limit=args.limit,
                                   skip_missing_masks=args.skip_missing_masks)
     check_train_split(args, len(splits["train"]), dist.world_size)
     class_names = list(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)

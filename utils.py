@@ -109,10 +109,10 @@ def check_number(flag: str, value: float | None, *, low: float | None = None, hi
     raise UsageError(f"{flag} must be a finite number{bounds}, got {value}")
 
 
-def check_seed(seed: int) -> None:
+def check_seed(seed: int, flag: str = "--seed") -> None:
     """Seeds reach numpy (32 bits) and torch (64 bits, after ``seed * 1000 + epoch``)."""
     if not 0 <= seed <= SEED_MAX:
-        raise UsageError(f"--seed must be an integer in [0, {SEED_MAX}] (2**32 - 1), got {seed}")
+        raise UsageError(f"{flag} must be an integer in [0, {SEED_MAX}] (2**32 - 1), got {seed}")
 
 
 # --------------------------------------------------------------------------- devices, seeds

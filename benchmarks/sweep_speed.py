@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attacks import build_attack  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint, split_seed  # noqa: E402
 from dataset import build_splits, make_loader  # noqa: E402
 from engine import Engine, prepare_model  # noqa: E402
 from splitdata import load_split  # noqa: E402
@@ -189,7 +189,7 @@ def main(args: argparse.Namespace) -> dict:
     train_args = ckpt.get("args") or {}
     eps_list = sorted({parse_fraction(e) for e in (args.eps_list or DEFAULT_EPS[task].split())})
     datasets = build_splits(task, args.data or train_args.get("data"), train_args.get("val_data"),
-                            train_args.get("test_data"), image_size=ckpt["image_size"], seed=train_args.get("seed", 0),
+                            train_args.get("test_data"), image_size=ckpt["image_size"], seed=split_seed(train_args),
                             skip_missing_masks=bool(train_args.get("skip_missing_masks", False)))
     datasets = {split: datasets[split] for split in args.splits}
     with torch.no_grad():  # warm up kernels for both memory formats; each side then loads its own model

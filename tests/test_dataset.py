@@ -290,6 +290,25 @@ def test_a_data_folder_changed_since_training_is_refused(classification_root):
     load_splits(args, {"image_size": 16, "args": {"seed": 0}})  # an older checkpoint has no digests to check
 
 
+def test_main_splits_with_the_split_seed_and_old_checkpoints_with_their_seed(classification_root):
+    """Training seeds share a split (--split-seed); a checkpoint from before --split-seed split by --seed."""
+    import argparse
+
+    from main import load_splits
+
+    args = argparse.Namespace(task="classification", data=str(classification_root), limit=None, splits=["test"])
+    tests = {seed: [p for p, _ in D.build_splits("classification", classification_root, image_size=16,
+                                                  seed=seed)["test"].samples] for seed in (0, 1)}
+    assert tests[0] != tests[1]
+
+    def test_files(train_args: dict) -> list:
+        return [p for p, _ in load_splits(args, {"image_size": 16, "args": train_args})["test"].samples]
+
+    assert test_files({"seed": 1, "split_seed": 0}) == tests[0]
+    assert test_files({"seed": 0, "split_seed": 1}) == tests[1]
+    assert test_files({"seed": 1}) == tests[1]
+
+
 @pytest.mark.parametrize("flag", ["val", "test"])
 def test_a_missing_own_split_folder_names_its_flag(classification_root, tmp_path, flag):
     from utils import DataError

@@ -232,6 +232,17 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(run_copy, train_data, capsy
     assert snapshot(run_copy) == before
 
 
+def test_training_seeds_share_their_split_and_split_seed_changes_it(tmp_path, trained_run, train_data, capsys):
+    digests = {}
+    for name, extra in (("seed", ["--seed", "1"]), ("split_seed", ["--split-seed", "1"])):
+        rc, _ = _run(train_cli, train_argv(tmp_path / name, train_data, *extra), capsys)
+        assert rc == 0
+        digests[name] = load_checkpoint(tmp_path / name / "checkpoints" / "best.pt")["split_digests"]
+    original = load_checkpoint(trained_run / "checkpoints" / "best.pt")["split_digests"]
+    assert digests["seed"] == original
+    assert digests["split_seed"]["test"] != original["test"]
+
+
 def test_resume_and_overwrite_exclude_each_other(tmp_path, train_data, capsys):
     rc, lines = _run(train_cli, train_argv(tmp_path / "out", train_data, "--resume", "--overwrite"), capsys)
     assert rc == 2
@@ -296,6 +307,7 @@ TRAIN_FLAGS = [
     (["--warmup-epochs", "-1"], ["--warmup-epochs", "-1"]),
     (["--seed", str(2**64)], ["--seed", str(2**64), "4294967295"]),
     (["--seed", "-1"], ["--seed", "-1"]),
+    (["--split-seed", "-1"], ["--split-seed", "-1"]),
     (["--batch-size", "1"], ["--batch-size 1", "BatchNorm", "--batch-size 2"]),
 ]
 SWEEP_FLAGS = [
@@ -339,6 +351,7 @@ def test_one_sample_train_split_is_a_data_error(tmp_path, train_data, capsys):
     (["--opt", "sgd"], "--opt adamw", "--opt sgd"),
     (["--lr", "0.01"], "--lr 0.001", "--lr 0.01"),
     (["--seed", "3"], "--seed 0", "--seed 3"),
+    (["--split-seed", "3"], "--split-seed 0", "--split-seed 3"),
     (["--batch-size", "4"], "--batch-size 8", "--batch-size 4"),
     (["--class-weights"], "no --class-weights", "has --class-weights"),
     (["--limit", "5"], "no --limit", "--limit 5"),
@@ -349,6 +362,17 @@ def test_resume_with_a_different_numbers_changing_flag(run_copy, train_data, cap
     assert rc == 1
     _assert_one_error_line(lines, "last.pt", f"trained with {recorded}", asked, "--overwrite")
     assert snapshot(run_copy) == before
+
+
+def test_resume_of_a_run_older_than_split_seed_keeps_its_seeds_split(run_copy, train_data, capsys):
+    """Before --split-seed, --seed also seeded the split: such a run resumes only on that split."""
+    last = run_copy / "checkpoints" / "last.pt"
+    args = {k: v for k, v in torch.load(last, weights_only=True)["args"].items() if k != "split_seed"}
+    before = rewrite_checkpoint(last, args={**args, "seed": 1})
+    rc, lines = _run(train_cli, train_argv(run_copy, train_data, "--resume", "--epochs", "2", "--seed", "1"), capsys)
+    assert rc == 1
+    _assert_one_error_line(lines, "last.pt", "trained with --split-seed 1", "--split-seed 0")
+    assert last.read_bytes() == before
 
 
 def test_resume_with_an_optimizer_state_of_another_kind(run_copy, train_data, capsys):
