@@ -86,6 +86,8 @@ class Run:
         self.rows = [row for row in rows if row["attack"] == self.shown]
         self.config = _read_config(folder / "results.json")
         self.samples = {row["split"]: row.get("n") for row in self.rows}
+        digests = self.config.get("split_digests")
+        self.split_digests = ({split: str(d) for split, d in digests.items()} if isinstance(digests, dict) else {})
 
     @property
     def label(self) -> str:
@@ -140,6 +142,10 @@ def setting_differences(runs: Sequence[Run]) -> list[str]:
         counts = [(run.name, run.samples.get(split)) for run in runs if run.samples.get(split) not in (None, "")]
         if len({count for _, count in counts}) > 1:
             lines.append(f"samples in {split}: " + ", ".join(f"{name} {count}" for name, count in counts))
+        digests = [(run.name, run.split_digests[split]) for run in runs if split in run.split_digests]
+        if len({digest for _, digest in digests}) > 1:
+            lines.append(f"images in {split} (another --split-seed or data at training): "
+                         + ", ".join(f"{name} {digest[:8]}" for name, digest in digests))
     return lines
 
 

@@ -371,8 +371,10 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
     per_sample = seeded_per_sample(args, model, num_classes)
     for name in (n for n, seeded in per_sample.items() if args.engine == "fast" and not seeded):
         print(f"note: {name} has no fast path; it runs as its torchattacks/cleverhans object")
+    datasets, states = load_splits(args, ckpt), {}
     config = sweep_config(args, ckpt, file_sha256(args.checkpoint), engine, per_sample)
     config["world_size"] = dist.world_size
+    config["split_digests"] = {split: dataset.split_digest for split, dataset in datasets.items()}
     report = Report(args.out, args.task, config, splits=list(dict.fromkeys(args.splits)),
                     eps_list=args.eps_values, attacks=args.attacks, resume=args.resume)
     spec = SweepSpec(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,
@@ -385,7 +387,6 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
                             random_start=args.random_start, num_classes=num_classes,
                             targeted=args.targeted, seed=args.seed)
 
-    datasets, states = load_splits(args, ckpt), {}
     shards = {split: shard_of(dataset, split, dist) for split, dataset in datasets.items()}
     for split, (dataset, offset) in shards.items():
         source, note = load_split(dataset, task=args.task, image_size=ckpt["image_size"],

@@ -95,6 +95,21 @@ def test_runs_measured_differently_are_named_not_like_for_like(tmp_path, capsys)
     assert any(line.startswith("note: the runs are not like for like (attacks: a") for line in printed), printed
 
 
+def test_runs_tested_on_other_images_are_not_like_for_like(tmp_path, capsys):
+    """Two training runs with another --split-seed hold other test images: their curves differ by
+    the samples alone, which compare.md must say even when every attack setting agrees."""
+    runs = [write_run(tmp_path / name, "accuracy", [0.95, 0.40, 0.10]) for name in ("a", "b", "c")]
+    digests = ({"val": "1111aaaa0000", "test": "2222bbbb0000"}, {"val": "1111aaaa0000", "test": "3333cccc0000"}, None)
+    for folder, split_digests in zip(runs, digests):
+        extra = {"split_digests": split_digests} if split_digests else {}
+        _write_config(folder, attacks=["pgd"], steps=10, data="d", limit=None, **extra)
+    out = tmp_path / "cmp"
+    assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(["--compare", *map(str, runs), "--out", str(out)]))
+    table = (out / "compare.md").read_text()
+    assert "- images in test (another --split-seed or data at training): a 2222bbbb, b 3333cccc" in table
+    assert "images in val" not in table
+
+
 def test_runs_measured_alike_carry_no_note(tmp_path, capsys):
     a = write_run(tmp_path / "a", "accuracy", [0.95, 0.40, 0.10])
     b = write_run(tmp_path / "b", "accuracy", [0.90, 0.80, 0.60])

@@ -7,6 +7,7 @@ import pytest
 
 import main as sweep_cli
 from conftest import write_tiny_checkpoint
+from dataset import build_splits
 from test_cli_errors import _assert_one_error_line, _run, assert_sweep_usage_error
 from utils import cpu_has_native_bf16
 
@@ -58,6 +59,8 @@ def test_segmentation_sweep_with_three_attacks_writes_rows_figure_and_checklist(
     assert saved["config"]["checklist"] == {"split": "test", "samples": 4, "reuses_sweep_pgd": True}
     assert (out / "Images" / "AccSegme.png").read_bytes()[:4] == b"\x89PNG"
     assert saved["config"]["attacks"] == ["pgd", "segpgd", "cospgd"] and saved["config"]["engine"] == "fast"
+    test_split = build_splits("segmentation", saved["config"]["data"], image_size=32)["test"]
+    assert saved["config"]["split_digests"] == {"test": test_split.split_digest}
 
     rc, lines = _run(sweep_cli, [*argv, "--resume", "--no-checks"], capsys)
     assert rc == 0, lines
