@@ -26,7 +26,7 @@ from adversarial import (AdvSettings, add_adversarial_args, adversarial_batch, a
 from checkpoint import save_checkpoint
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
 from files import atomic_write_csv, atomic_write_json, check_writable_dir, output_lock
-from model import DEPTHS, TASKS, build_model
+from model import DEPTHS, IMAGENET_MEAN, IMAGENET_STD, TASKS, build_model
 from run_folder import (best_metric_key, load_best, load_resume, refuse_earlier_run, remove_earlier_run,
                         restore_state)
 from training_utils import (autocast_dtype, build_optimizer, build_scheduler, channel_stats, class_weights,
@@ -277,6 +277,19 @@ def main(args: argparse.Namespace) -> dict:
             shutdown(dist)
 
 
+def normalisation_stats(args: argparse.Namespace, train_split: Any) -> tuple[list[float], list[float]]:
+    """``--mean``/``--std`` where given; otherwise, with ``--pretrained``, ImageNet's (the
+    statistics the encoder's weights were trained with, as torchvision's references use), else
+    the train split's."""
+    if args.mean is not None and args.std is not None:
+        return list(args.mean), list(args.std)
+    if args.pretrained:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = channel_stats(train_split, args.task, args.image_size)
+    return list(args.mean or mean), list(args.std or std)
+
+
 def build_loaders(args: argparse.Namespace, splits: dict, dist: Dist) -> dict:
     """Train: under torchrun a DistributedSampler (reshuffled per epoch by ``set_epoch``, padded
     to equal shares so every rank takes the same number of steps). Val/test: this rank's
@@ -334,13 +347,7 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     check_train_split(args, len(splits["train"]), dist.world_size)
     class_names = list(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)
     print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
-    if resume is not None:
-        mean, std = resume["mean"], resume["std"]
-    elif args.mean is None or args.std is None:
-        mean, std = channel_stats(splits["train"], args.task, args.image_size)
-        mean, std = args.mean or mean, args.std or std
-    else:
-        mean, std = args.mean, args.std
+    mean, std = (resume["mean"], resume["std"]) if resume is not None else normalisation_stats(args, splits["train"])
     loaders = build_loaders(args, splits, dist)
     robust_val = robust_subset(splits["val"], adv.val_limit, args.seed, dist) if adv.active else None
 

@@ -208,3 +208,22 @@ def test_best_checkpoint_prefers_a_later_epoch_within_one_val_sample(tmp_path, t
     train.main(args)
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["epoch"] == 3 and best["best_metric"] == pytest.approx(0.9)
+
+
+def test_pretrained_encoders_normalise_with_imagenet_statistics_unless_given(tiny_synthetic_root):
+    """ImageNet weights expect ImageNet-normalised inputs; a model from scratch uses the train split's."""
+    from model import IMAGENET_MEAN, IMAGENET_STD
+    from training_utils import channel_stats
+
+    train_split = dataset.build_splits("classification", tiny_synthetic_root / "Train", image_size=16)["train"]
+
+    def stats(*extra):
+        args = _args(Path("unused"), tiny_synthetic_root, "classification", "--image-size", "16", *extra)
+        return train.normalisation_stats(args, train_split)
+
+    own = channel_stats(train_split, "classification", 16)
+    assert stats() == (own[0], own[1]) and own[0] != list(IMAGENET_MEAN)
+    assert stats("--pretrained") == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert stats("--pretrained", "--mean", "0.5", "0.5", "0.5") == ([0.5] * 3, list(IMAGENET_STD))
+    assert stats("--mean", "0.5", "0.5", "0.5") == ([0.5] * 3, own[1])
+    assert stats("--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2") == ([0.5] * 3, [0.2] * 3)
