@@ -249,7 +249,7 @@ def segmentation_metrics(cm: torch.Tensor | np.ndarray,
     tp = np.diag(cm)
     fp = cm.sum(axis=0) - tp
     fn = cm.sum(axis=1) - tp
-    dice = _safe_div(2 * tp, 2 * tp + fp + fn)
+    dice = dice_per_class(cm)
     iou = _safe_div(tp, tp + fp + fn)
     total = cm.sum()
     metrics = {"pixel_accuracy": float(tp.sum() / total) if total else float("nan")}
@@ -259,6 +259,60 @@ def segmentation_metrics(cm: torch.Tensor | np.ndarray,
     metrics["dice_mean"] = float(np.nanmean(dice[1:])) if np.isfinite(dice[1:]).any() else float("nan")
     metrics["iou_mean"] = float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan")
     return metrics
+
+
+def dice_per_class(cm: np.ndarray) -> np.ndarray:
+    """Dice of every class from confusion matrices ``[..., C, C]`` (rows true, columns
+    predicted); NaN for a class absent from both target and prediction."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    fp, fn = cm.sum(axis=-2) - tp, cm.sum(axis=-1) - tp
+    return _safe_div(2 * tp, 2 * tp + fp + fn)
+
+
+#: The two-sided 95 % normal quantile, for the intervals of the sweep's tables.
+Z95 = 1.959963984540054
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion: a 95 % interval for accuracy that
+    stays inside [0, 1] and keeps its coverage at small n and near 0 or 1, where the normal
+    interval does not (Brown, Cai and DasGupta, Statistical Science 2001)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p, z2 = successes / n, z * z
+    denominator = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p inside, also after rounding
+
+
+def bootstrap_dice_interval(per_image_cms: torch.Tensor | np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """A percentile-bootstrap interval of ``dice_mean`` over the images of a split.
+
+    Each resample draws the split's images with replacement (as counts, from a multinomial)
+    and pools their confusion matrices, exactly as the split's own Dice pools every pixel, so
+    the interval is that of the reported number; the images, not the pixels, are the unit,
+    since pixels of one image are not independent. ``seed`` fixes the draws, so the interval
+    depends on the per-image matrices alone (not on the number of processes).
+    """
+    cms = np.asarray(per_image_cms, dtype=np.float64)
+    n, classes = len(cms), cms.shape[-1]
+    if n == 0:
+        return math.nan, math.nan
+    flat, rng, values = cms.reshape(n, -1), np.random.default_rng(seed), []
+    for start in range(0, resamples, 100):
+        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(100, resamples - start)).astype(np.float64)
+        foreground = dice_per_class((counts @ flat).reshape(-1, classes, classes))[:, 1:]
+        defined = np.isfinite(foreground).any(axis=1)
+        values.append(np.nanmean(foreground[defined], axis=1) if defined.any() else np.empty(0))
+    drawn = np.concatenate(values)
+    if not len(drawn):
+        return math.nan, math.nan
+    low, high = np.quantile(drawn, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def per_image_confusion(masks: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
