@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from files import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
-from utils import ToolError  # noqa: E402
+from utils import BOOTSTRAP_RESAMPLES, ToolError  # noqa: E402
 
 #: Config fields that change the numbers: a --resume with any of them different is refused.
 RESUME_FIELDS = ("task", "checkpoint_sha256", "attacks", "steps", "alpha", "random_start", "targeted",
@@ -186,7 +186,7 @@ def eps_axis(rows: list[dict], norm: str) -> tuple[str, list[float]]:
 
 def _dice_keys(rows: list[dict]) -> list[str]:
     keys = [key for key in (rows[0] if rows else {}) if key.startswith("dice_")]
-    return [k for k in keys if k not in ("dice_mean", "dice_background")]
+    return [k for k in keys if k not in ("dice_mean", "dice_background") and "_ci95_" not in k]
 
 
 def plot_curves(rows: list[dict], task: str, splits: Sequence[str], attacks: Sequence[str], norm: str,
@@ -204,6 +204,10 @@ def plot_curves(rows: list[dict], task: str, splits: Sequence[str], attacks: Seq
             worst = attack == "worst"
             ax.plot(xs, [row[key] for row in chosen], "-", marker="o", color="black" if worst else colour,
                     linewidth=3 if worst else 1.5, label=f"{attack} {key}", zorder=3 if worst else 2)
+            if attack == attacks[-1] and all(row.get(f"{key}_ci95_low") is not None for row in chosen):
+                ax.fill_between(xs, [row[f"{key}_ci95_low"] for row in chosen],
+                                [row[f"{key}_ci95_high"] for row in chosen], color="black" if worst else colour,
+                                alpha=0.12, linewidth=0, label=f"{attack} 95 % interval")
             if task == "segmentation" and len(attacks) == 1:
                 for style, dice in zip(["--", ":", "-."], _dice_keys(chosen)):
                     ax.plot(xs, [row[dice] for row in chosen], style, marker=".", color=colour, label=dice)
@@ -286,12 +290,22 @@ def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def with_interval(row: dict, key: str) -> str | float | None:
+    """``key``, followed by its 95 % interval where the row has one: ``0.5778 (0.433–0.711)``."""
+    value, low, high = row.get(key), row.get(f"{key}_ci95_low"), row.get(f"{key}_ci95_high")
+    if value is None or low is None or high is None:
+        return value
+    return f"{value:.4f} ({low:.3f}–{high:.3f})"
+
+
 def pivot_table(report: Report, key: str) -> str:
-    """``key`` per (split, eps) row and one column per attack (and the worst case)."""
+    """``key`` (with its 95 % interval) per (split, eps) row and one column per attack (and the
+    worst case)."""
     table = []
     for split in report.splits:
         for eps in report.eps_list:
-            cells = {attack: report.rows.get((split, eps, attack), {}).get(key) for attack in report.attacks}
+            cells = {attack: with_interval(report.rows.get((split, eps, attack), {}), key)
+                     for attack in report.attacks}
             if any(value is not None for value in cells.values()):
                 table.append({"split": split, "eps": _eps_text(eps, report.norm), **cells})
     return markdown_table(table, ["split", "eps", *report.attacks])
@@ -316,7 +330,12 @@ def render_markdown(report: Report, curve: Path, grid: Path | None) -> str:
         "",
         f"![robustness curve]({curve.relative_to(report.out).as_posix()})",
         "",
-        f"## {key} by attack", "", pivot_table(report, key), "",
+        f"## {key} by attack", "",
+        "In brackets, a 95 % confidence interval for what a split of this many images can tell: "
+        + ("Wilson's score interval." if report.task == "classification" else
+           f"a percentile bootstrap over images ({BOOTSTRAP_RESAMPLES} resamples of the split's images, "
+           "Dice pooled over each resample's pixels as in the table)."),
+        "", pivot_table(report, key), "",
     ]
     if report.checks is not None:
         parts += ["## Gradient-masking checklist", "", *_checklist_context(cfg.get("checklist")),

@@ -38,7 +38,8 @@ from engine import (NORM_TOLERANCE, Engine, Finished, FirstSteps, check_adversar
 from files import atomic_torch_save
 from outcomes import RowStats, example_indices, example_slots, merge_examples
 from splitdata import SplitSource
-from utils import ConfusionMatrix, DataError, compute_metrics, per_image_confusion, worst_case_choice
+from utils import (ConfusionMatrix, DataError, bootstrap_dice_interval, compute_metrics, per_image_confusion,
+                   wilson_interval, worst_case_choice)
 
 WORST = "worst"
 WORST_CASE_RULE = ("classification: robust only if every attack failed; segmentation: per image "
@@ -302,8 +303,10 @@ class _ClassificationSweep(_SplitSweep):
         success = outcome["hit"] if self.spec.targeted else torch.isfinite(outcome["wrong_eps"])
         n_eligible, n_success = self.counts(eligible.sum().item(), (eligible & success).sum().item())
         stats = stats.reduced(self.dist)
-        row = self.head(name, eps)
-        row.update(compute_metrics("classification", self.dist.sum(cm.mat), self.spec.class_names))
+        row, split_cm = self.head(name, eps), self.dist.sum(cm.mat)
+        row.update(compute_metrics("classification", split_cm, self.spec.class_names))
+        low, high = wilson_interval(int(split_cm.trace()), int(split_cm.sum()))
+        row.update(accuracy_ci95_low=low, accuracy_ci95_high=high)
         row.update({"attack_success_rate": n_success / n_eligible if n_eligible else math.nan, **stats.means(),
                     "seconds": stats.seconds})
         return row
@@ -395,6 +398,8 @@ class _SegmentationSweep(_SplitSweep):
         stats = stats.reduced(self.dist)
         row = self.head(name, eps)
         row.update(compute_metrics("segmentation", self.dist.sum(cms.sum(0)), self.spec.class_names))
+        low, high = bootstrap_dice_interval(torch.cat(self.dist.gather(cms)))
+        row.update(dice_mean_ci95_low=low, dice_mean_ci95_high=high)
         row.update({"flipped_fraction": n_flipped / pixels if pixels else math.nan, **stats.means(),
                     "seconds": stats.seconds})
         return row

@@ -19,7 +19,7 @@ from splitdata import TensorSplit
 from sweep import SweepSpec, run_split
 from test_attacks import CLASS_NAMES, SEG_NAMES, segmentation_images, separable_images, tiny_classifier, \
     tiny_segmenter, train
-from utils import CheckpointError, ConfusionMatrix, ToolError, compute_metrics
+from utils import CheckpointError, ConfusionMatrix, ToolError, compute_metrics, wilson_interval
 
 EPS = [0.0, 2 / 255, 8 / 255, 32 / 255]
 
@@ -206,6 +206,15 @@ def test_report_writes_parseable_outputs(tmp_path, cls_setup, seg_setup):
             assert (out / "Images" / name).read_bytes()[:4] == b"\x89PNG"
         markdown = (out / "report.md").read_text()
         assert f"Images/{curve}" in markdown and "Images/images.png" in markdown and "| split |" in markdown
+        key = "accuracy" if task == "classification" else "dice_mean"
+        for row in saved["rows"]:
+            low, high = row[f"{key}_ci95_low"], row[f"{key}_ci95_high"]
+            assert 0 <= low <= high <= 1 and f"{row[key]:.4f} ({low:.3f}–{high:.3f})" in markdown
+            if task == "classification":
+                assert (low, high) == pytest.approx(wilson_interval(round(row["accuracy"] * row["n"]), row["n"]))
+                assert low <= row["accuracy"] <= high
+        assert ("Wilson's score interval" if task == "classification" else "percentile bootstrap") in markdown
+        assert "ci95" not in markdown.split("## All rows")[1], "the intervals are not per-class Dice columns"
 
 
 # --------------------------------------------------------------------------- main.py end to end
