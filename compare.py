@@ -1,8 +1,9 @@
 """Compare finished sweeps side by side: ``python main.py --compare DIR1 DIR2 ...``.
 
 Reads each folder's ``results.csv`` and writes ``compare.png`` (every run's robustness curve,
-one panel per split, the legend taken from the folder names) and ``compare.md`` (the metric of
-every run at every eps). A run that swept several attacks is shown by its ``worst`` rows.
+one panel per split, the legend taken from the folder names) and ``compare.md`` (the metric, with
+its 95 % interval where recorded, of every run at every eps). A run that swept several attacks
+is shown by its ``worst`` rows.
 Where the runs were not measured alike (another step count, attack set, target, data or number
 of samples; read from each folder's ``results.json`` and table), ``compare.md`` lists the
 differences and the command prints a note: such a comparison is still drawn, but a curve may be
@@ -98,6 +99,18 @@ class Run:
     def series(self, split: str) -> dict[float, float | None]:
         return {float(row["eps"]): _number(row.get(self.key)) for row in self.rows if row["split"] == split}
 
+    def cells(self, split: str) -> dict[float, str]:
+        """The table's text per eps: the metric and, where the run recorded it, its 95 % interval."""
+        cells = {}
+        for row in (row for row in self.rows if row["split"] == split):
+            value = _number(row.get(self.key))
+            low, high = _number(row.get(f"{self.key}_ci95_low")), _number(row.get(f"{self.key}_ci95_high"))
+            text = "n/a" if value is None else f"{value:.4f}"
+            if value is not None and low is not None and high is not None:
+                text += f" ({low:.3f}–{high:.3f})"
+            cells[float(row["eps"])] = text
+        return cells
+
     @property
     def splits(self) -> list[str]:
         return list(dict.fromkeys(row["split"] for row in self.rows))
@@ -185,14 +198,16 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
         parts += ["", "**Not like for like.** These runs differ in settings that change what the numbers mean "
                   "(a stronger attack or other samples lower a curve by itself):", ""]
         parts += [f"- {line}" for line in differences]
+    parts += ["", "In brackets, a run's 95 % interval where its results.csv has one (see its report.md). Runs "
+              "tested on the same images are paired, so a difference between them can be clear even where "
+              "their intervals overlap."]
     for split in dict.fromkeys(split for run in runs for split in run.splits):
-        series = [run.series(split) for run in runs]
-        eps_values = sorted({eps for one in series for eps in one})
+        cells = [run.cells(split) for run in runs]
+        eps_values = sorted({eps for one in cells for eps in one})
         header = ["eps", *[run.name for run in runs]]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for eps in eps_values:
-            cells = ["n/a" if one.get(eps) is None else f"{one[eps]:.4f}" for one in series]
-            lines.append("| " + " | ".join([_eps_text(eps, norm), *cells]) + " |")
+            lines.append("| " + " | ".join([_eps_text(eps, norm), *(one.get(eps, "n/a") for one in cells)]) + " |")
         parts += ["", f"## {split}", "", *lines]
     return "\n".join(parts) + "\n"
 

@@ -38,6 +38,23 @@ def test_compare_writes_a_figure_and_a_side_by_side_table(tmp_path, capsys):
     assert "worst of pgd, apgd" not in table and "pgd, apgd" in table
 
 
+def test_compare_shows_each_runs_interval_where_it_has_one(tmp_path, capsys):
+    with_ci = write_run(tmp_path / "new", "accuracy", [0.95, 0.40, 0.10])
+    rows = list(csv.DictReader((with_ci / "results.csv").read_text().splitlines()))
+    with open(with_ci / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "accuracy_ci95_low", "accuracy_ci95_high"])
+        writer.writeheader()
+        writer.writerows({**row, "accuracy_ci95_low": float(row["accuracy"]) - 0.1,
+                          "accuracy_ci95_high": float(row["accuracy"]) + 0.05} for row in rows)
+    older = write_run(tmp_path / "old", "accuracy", [0.90, 0.80, 0.60])  # written before the intervals
+    out = tmp_path / "cmp"
+    rc, lines = _run(sweep_cli, ["--compare", str(with_ci), str(older), "--out", str(out)], capsys)
+    assert rc == 0, lines
+    table = (out / "compare.md").read_text()
+    assert "| 4/255 | 0.4000 (0.300–0.450) | 0.8000 |" in table
+    assert "paired" in table
+
+
 def test_a_run_without_worst_rows_yet_is_not_labelled_as_a_worst_case(tmp_path):
     from compare import Run
 
