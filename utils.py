@@ -296,11 +296,12 @@ def bootstrap_dice_interval(per_image_cms: torch.Tensor | np.ndarray, resamples:
     and pools their confusion matrices, exactly as the split's own Dice pools every pixel, so
     the interval is that of the reported number; the images, not the pixels, are the unit,
     since pixels of one image are not independent. ``seed`` fixes the draws, so the interval
-    depends on the per-image matrices alone (not on the number of processes).
+    depends on the per-image matrices alone (not on the number of processes). One image says
+    nothing about the spread between images: its interval is NaN, not a point.
     """
     cms = np.asarray(per_image_cms, dtype=np.float64)
     n, classes = len(cms), cms.shape[-1]
-    if n == 0:
+    if n < 2:
         return math.nan, math.nan
     flat, rng, values = cms.reshape(n, -1), np.random.default_rng(seed), []
     for start in range(0, resamples, 100):

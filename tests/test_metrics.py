@@ -221,6 +221,11 @@ def _image_cms(sizes, nucleus_hits, seed=0):
     return cms
 
 
+def test_bootstrap_interval_of_one_image_is_undefined_not_a_point():
+    assert all(math.isnan(bound) for bound in bootstrap_dice_interval(_image_cms([100], [70])))
+    assert all(math.isnan(bound) for bound in bootstrap_dice_interval(np.zeros((0, 3, 3))))
+
+
 def test_bootstrap_interval_of_identical_images_is_their_dice():
     cms = _image_cms([100] * 12, [70] * 12)
     cms[:] = cms[0]
