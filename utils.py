@@ -249,7 +249,7 @@ def segmentation_metrics(cm: torch.Tensor | np.ndarray,
     tp = np.diag(cm)
     fp = cm.sum(axis=0) - tp
     fn = cm.sum(axis=1) - tp
-    dice = dice_per_class(cm)
+    dice = _safe_div(2 * tp, 2 * tp + fp + fn)
     iou = _safe_div(tp, tp + fp + fn)
     total = cm.sum()
     metrics = {"pixel_accuracy": float(tp.sum() / total) if total else float("nan")}
@@ -259,15 +259,6 @@ def segmentation_metrics(cm: torch.Tensor | np.ndarray,
     metrics["dice_mean"] = float(np.nanmean(dice[1:])) if np.isfinite(dice[1:]).any() else float("nan")
     metrics["iou_mean"] = float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan")
     return metrics
-
-
-def dice_per_class(cm: np.ndarray) -> np.ndarray:
-    """Dice of every class from confusion matrices ``[..., C, C]`` (rows true, columns
-    predicted); NaN for a class absent from both target and prediction."""
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    fp, fn = cm.sum(axis=-2) - tp, cm.sum(axis=-1) - tp
-    return _safe_div(2 * tp, 2 * tp + fp + fn)
 
 
 #: The two-sided 95 % normal quantile, for the intervals of the sweep's tables.
@@ -299,16 +290,16 @@ def bootstrap_dice_interval(per_image_cms: torch.Tensor | np.ndarray, resamples:
     depends on the per-image matrices alone (not on the number of processes). One image says
     nothing about the spread between images: its interval is NaN, not a point.
     """
-    cms = np.asarray(per_image_cms, dtype=np.float64)
+    cms = torch.as_tensor(np.asarray(per_image_cms), dtype=torch.float64)
     n, classes = len(cms), cms.shape[-1]
     if n < 2:
         return math.nan, math.nan
     flat, rng, values = cms.reshape(n, -1), np.random.default_rng(seed), []
     for start in range(0, resamples, 100):
-        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(100, resamples - start)).astype(np.float64)
-        foreground = dice_per_class((counts @ flat).reshape(-1, classes, classes))[:, 1:]
-        defined = np.isfinite(foreground).any(axis=1)
-        values.append(np.nanmean(foreground[defined], axis=1) if defined.any() else np.empty(0))
+        counts = torch.from_numpy(rng.multinomial(n, np.full(n, 1 / n), size=min(100, resamples - start)))
+        pooled = (counts.double() @ flat).reshape(-1, classes, classes)
+        scored = (pooled.sum(1)[:, 1:] + pooled.sum(2)[:, 1:]).sum(1) > 0  # dice_mean is NaN without foreground
+        values.append(per_image_dice(pooled)[scored].numpy())
     drawn = np.concatenate(values)
     if not len(drawn):
         return math.nan, math.nan
