@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from files import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
-from utils import BOOTSTRAP_RESAMPLES, ToolError  # noqa: E402
+from stats import BOOTSTRAP_RESAMPLES  # noqa: E402
+from utils import ToolError  # noqa: E402
 
 #: Config fields that change the numbers: a --resume with any of them different is refused.
 RESUME_FIELDS = ("task", "checkpoint_sha256", "attacks", "steps", "alpha", "random_start", "targeted",

@@ -38,8 +38,8 @@ from engine import (NORM_TOLERANCE, Engine, Finished, FirstSteps, check_adversar
 from files import atomic_torch_save
 from outcomes import RowStats, example_indices, example_slots, merge_examples
 from splitdata import SplitSource
-from utils import (ConfusionMatrix, DataError, bootstrap_dice_interval, compute_metrics, per_image_confusion,
-                   wilson_interval, worst_case_choice)
+from stats import bootstrap_dice_interval, wilson_interval
+from utils import ConfusionMatrix, DataError, compute_metrics, per_image_confusion, worst_case_choice
 
 WORST = "worst"
 WORST_CASE_RULE = ("classification: robust only if every attack failed; segmentation: per image "

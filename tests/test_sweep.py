@@ -19,7 +19,8 @@ from splitdata import TensorSplit
 from sweep import SweepSpec, run_split
 from test_attacks import CLASS_NAMES, SEG_NAMES, segmentation_images, separable_images, tiny_classifier, \
     tiny_segmenter, train
-from utils import CheckpointError, ConfusionMatrix, ToolError, compute_metrics, wilson_interval
+from stats import wilson_interval
+from utils import CheckpointError, ConfusionMatrix, ToolError, compute_metrics
 
 EPS = [0.0, 2 / 255, 8 / 255, 32 / 255]
 
