@@ -1,5 +1,6 @@
 """Uncertainty of the sweep's numbers: 95 % intervals of one row (Wilson for accuracy, a
-bootstrap over images for Dice)."""
+bootstrap over images for Dice) and, for two runs on the same images, of their difference
+(Newcombe's paired interval and McNemar's exact test for accuracy, a paired bootstrap for Dice)."""
 from __future__ import annotations
 
 import math
@@ -27,6 +28,33 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p inside, also after rounding
 
 
+def _resample_counts(n: int, resamples: int, seed: int):
+    """Bootstrap resamples of ``n`` images as counts (one multinomial draw of n per resample),
+    in chunks of 100 resamples, from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, 100):
+        yield torch.from_numpy(rng.multinomial(n, np.full(n, 1 / n), size=min(100, resamples - start))).double()
+
+
+def _pooled_dice(counts: torch.Tensor, flat_cms: torch.Tensor, classes: int) -> torch.Tensor:
+    """``dice_mean`` of each resample (pooled matrices); NaN where it has no foreground at all."""
+    pooled = (counts @ flat_cms).reshape(-1, classes, classes)
+    scored = (pooled.sum(1)[:, 1:] + pooled.sum(2)[:, 1:]).sum(1) > 0  # dice_mean is NaN without foreground
+    return torch.where(scored, per_image_dice(pooled), torch.nan)
+
+
+def _percentiles(drawn: np.ndarray, level: float) -> tuple[float, float]:
+    drawn = drawn[np.isfinite(drawn)]
+    if not len(drawn):
+        return math.nan, math.nan
+    low, high = np.quantile(drawn, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def _as_cms(per_image_cms: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(per_image_cms), dtype=torch.float64)
+
+
 def bootstrap_dice_interval(per_image_cms: torch.Tensor | np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
                             seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """A percentile-bootstrap interval of ``dice_mean`` over the images of a split.
@@ -38,18 +66,77 @@ def bootstrap_dice_interval(per_image_cms: torch.Tensor | np.ndarray, resamples:
     depends on the per-image matrices alone (not on the number of processes). One image says
     nothing about the spread between images: its interval is NaN, not a point.
     """
-    cms = torch.as_tensor(np.asarray(per_image_cms), dtype=torch.float64)
+    cms = _as_cms(per_image_cms)
     n, classes = len(cms), cms.shape[-1]
     if n < 2:
         return math.nan, math.nan
-    flat, rng, values = cms.reshape(n, -1), np.random.default_rng(seed), []
-    for start in range(0, resamples, 100):
-        counts = torch.from_numpy(rng.multinomial(n, np.full(n, 1 / n), size=min(100, resamples - start)))
-        pooled = (counts.double() @ flat).reshape(-1, classes, classes)
-        scored = (pooled.sum(1)[:, 1:] + pooled.sum(2)[:, 1:]).sum(1) > 0  # dice_mean is NaN without foreground
-        values.append(per_image_dice(pooled)[scored].numpy())
-    drawn = np.concatenate(values)
-    if not len(drawn):
+    flat = cms.reshape(n, -1)
+    drawn = [_pooled_dice(counts, flat, classes).numpy() for counts in _resample_counts(n, resamples, seed)]
+    return _percentiles(np.concatenate(drawn), level)
+
+
+def paired_dice_difference_interval(first_cms: torch.Tensor | np.ndarray, second_cms: torch.Tensor | np.ndarray,
+                                    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                                    level: float = 0.95) -> tuple[float, float]:
+    """A paired percentile-bootstrap interval of ``dice_mean(second) - dice_mean(first)``.
+
+    ``first_cms`` and ``second_cms`` are the per-image confusion matrices of two runs on the
+    same images in the same order. Each resample draws the images once and pools both runs'
+    matrices of those images, so what the images share (a hard cell is hard for both models)
+    cancels, and the interval is that of the difference, not of two independent numbers.
+    """
+    first, second = _as_cms(first_cms), _as_cms(second_cms)
+    if first.shape != second.shape:
+        raise ValueError(f"paired runs need matrices of the same images, got shapes {tuple(first.shape)} "
+                         f"and {tuple(second.shape)}")
+    n, classes = len(first), first.shape[-1]
+    if n < 2:
         return math.nan, math.nan
-    low, high = np.quantile(drawn, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
+    flat_first, flat_second = first.reshape(n, -1), second.reshape(n, -1)
+    drawn = [(_pooled_dice(counts, flat_second, classes) - _pooled_dice(counts, flat_first, classes)).numpy()
+             for counts in _resample_counts(n, resamples, seed)]
+    return _percentiles(np.concatenate(drawn), level)
+
+
+def mcnemar_exact_p(only_first: int, only_second: int) -> float:
+    """The two-sided exact McNemar p-value of two classifiers on the same samples.
+
+    Only the samples exactly one of them gets right say anything about which is better: under
+    the null hypothesis each of those is equally likely to fall either way, so their split is
+    Binomial(only_first + only_second, 1/2), and the p-value is twice its smaller tail (at most
+    1). Summed in exact integers, since the counts are often in single digits, where the
+    chi-squared approximation is poor.
+    """
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"discordant counts must be non-negative, got {only_first} and {only_second}")
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_difference_interval(both: int, only_first: int, only_second: int, neither: int,
+                               z: float = Z95) -> tuple[float, float]:
+    """A 95 % interval of ``accuracy(second) - accuracy(first)`` on the same samples.
+
+    Newcombe's paired score interval (method 10 of Newcombe, Statistics in Medicine 1998;
+    17: 2635-2650): the Wilson interval of each accuracy, combined through the correlation phi
+    of the two runs' per-sample outcomes, with no continuity correction. The counts are the
+    paired table: samples both runs get right, only the first, only the second, neither.
+    """
+    counts = (both, only_first, only_second, neither)
+    if min(counts) < 0:
+        raise ValueError(f"paired counts must be non-negative, got {counts}")
+    n = sum(counts)
+    if n == 0:
+        return math.nan, math.nan
+    # Newcombe's notation: proportion 1 is the second run, so theta = p1 - p2 is second - first.
+    p1, p2 = (both + only_second) / n, (both + only_first) / n
+    (l1, u1), (l2, u2) = wilson_interval(both + only_second, n, z), wilson_interval(both + only_first, n, z)
+    margins = (both + only_second) * (only_first + neither) * (both + only_first) * (only_second + neither)
+    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    theta = p1 - p2
+    return max(-1.0, theta - below), min(1.0, theta + above)
