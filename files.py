@@ -120,6 +120,12 @@ def atomic_write_csv(path: str | os.PathLike, rows: Sequence[dict], fieldnames: 
     atomic_write_text(path, buf.getvalue())
 
 
+def atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """``numpy.savez_compressed`` atomically (plain arrays only: it loads without pickle)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
 def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (format taken from the final name)."""
     fmt = Path(path).suffix.lstrip(".") or "png"

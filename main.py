@@ -30,7 +30,7 @@ from dataset import CLASS_NAMES, build_splits
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
 from engine import Engine, prepare_model
 from files import output_lock
-from outcomes import gather_outcomes
+from outcomes import gather_outcomes, per_sample_arrays
 from report import Report, library_versions
 from splitdata import load_split
 from sweep import WORST_CASE_RULE, SweepSpec, run_split
@@ -300,10 +300,9 @@ def shard_of(dataset: Any, split: str, dist: Dist) -> tuple[Any, int]:
 
 
 def run_checklist(args: argparse.Namespace, ckpt: Mapping, model: nn.Module, engine: Engine, report: Report,
-                  datasets: dict, states: dict, dist: Dist) -> None:
+                  datasets: dict, outcomes: dict, dist: Dist) -> None:
     """The gradient-masking checklist on the main rank, on the whole test split (else the last)."""
     split = "test" if "test" in datasets else list(datasets)[-1]
-    outcomes = gather_outcomes(states[split], args.task, dist)  # a collective: every rank takes part
     if not dist.is_main:
         return
     source, _ = load_split(datasets[split], task=args.task, image_size=ckpt["image_size"],
@@ -314,7 +313,7 @@ def run_checklist(args: argparse.Namespace, ckpt: Mapping, model: nn.Module, eng
     print(f"gradient-masking checklist on {min(args.check_limit, len(source))} {split} samples:")
     start = time.perf_counter()
     report.add_checks(run_checks(model, source, settings, engine, report.sorted_rows(), split=split,
-                                 sweep_state=outcomes if not args.targeted else None, on_line=print))
+                                 sweep_state=outcomes[split] if not args.targeted else None, on_line=print))
     reuses_pgd = not args.targeted and args.norm == "Linf" and "pgd" in args.attacks
     report.config["checklist"] = {"split": split, "samples": min(args.check_limit, len(source)),
                                   "reuses_sweep_pgd": reuses_pgd}
@@ -371,7 +370,7 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
     per_sample = seeded_per_sample(args, model, num_classes)
     for name in (n for n, seeded in per_sample.items() if args.engine == "fast" and not seeded):
         print(f"note: {name} has no fast path; it runs as its torchattacks/cleverhans object")
-    datasets, states = load_splits(args, ckpt), {}
+    datasets, outcomes = load_splits(args, ckpt), {}
     config = sweep_config(args, ckpt, file_sha256(args.checkpoint), engine, per_sample)
     config["world_size"] = dist.world_size
     config["split_digests"] = {split: dataset.split_digest for split, dataset in datasets.items()}
@@ -394,13 +393,15 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
                                   workers=args.workers)
         if note:
             print(f"note: split {split}: {note}")
-        states[split] = run_split(model, source, spec, engine, split=split, make_attack=make_attack,
-                                  target_fn=target_fn, state_dir=args.out / ".sweep_state", resume=args.resume,
-                                  on_row=lambda row: log_row(report, row, args.norm) if dist.is_main else None,
-                                  dist=dist, offset=offset)
-        report.add_examples(split, states[split]["examples"])
+        state = run_split(model, source, spec, engine, split=split, make_attack=make_attack,
+                          target_fn=target_fn, state_dir=args.out / ".sweep_state", resume=args.resume,
+                          on_row=lambda row: log_row(report, row, args.norm) if dist.is_main else None,
+                          dist=dist, offset=offset)
+        report.add_examples(split, state["examples"])
+        outcomes[split] = gather_outcomes(state, args.task, dist)  # a collective: every rank takes part
+        report.add_per_sample(split, per_sample_arrays(outcomes[split], args.task, args.attacks))
     if args.checks:
-        run_checklist(args, ckpt, model, engine, report, datasets, states, dist)
+        run_checklist(args, ckpt, model, engine, report, datasets, outcomes, dist)
     report.config["memory"] = peak_memory_mb(engine.device)
     if dist.is_main:
         report.finish()

@@ -2,11 +2,14 @@
 and how the per-sample outcomes and examples of all ranks' shards join into one split."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from distributed import Dist
+from utils import worst_case_choice
 
 
 @dataclass
@@ -88,13 +91,15 @@ CHECK_FIELDS = {"classification": ("wrong_eps", "pred", "hit"), "segmentation": 
 
 def gather_outcomes(state: dict, task: str, dist: Dist) -> dict:
     """The per-sample outcomes of every attack over the whole split (all ranks' shards)."""
-    mine = {"done_eps": state["done_eps"],
+    mine = {"done_eps": state["done_eps"], "labels": state.get("labels"),
             "attacks": {name: {key: per_attack[key] for key in CHECK_FIELDS[task] if key in per_attack}
                         for name, per_attack in state["attacks"].items()}}
     parts = dist.gather(mine)
     if len(parts) == 1:
         return mine
-    joined = {"done_eps": mine["done_eps"], "attacks": {}}
+    labels = [part["labels"] for part in parts]
+    joined = {"done_eps": mine["done_eps"], "attacks": {},
+              "labels": torch.cat(labels) if all(part is not None for part in labels) else None}
     for name in mine["attacks"]:
         joined["attacks"][name] = {}
         for key, value in mine["attacks"][name].items():
@@ -102,3 +107,35 @@ def gather_outcomes(state: dict, task: str, dist: Dist) -> dict:
             joined["attacks"][name][key] = ([torch.cat([p[i] for p in pieces]) for i in range(len(value))]
                                             if isinstance(value, list) else torch.cat(pieces))
     return joined
+
+
+def per_sample_arrays(outcomes: dict, task: str, attacks: Sequence[str]) -> dict[str, np.ndarray]:
+    """What ``per_sample.npz`` keeps of one split (from :func:`gather_outcomes`), in split order.
+
+    ``eps``: the swept eps. Classification: ``labels`` and, per attack, ``<attack>/wrong_eps``,
+    the smallest swept eps at which the sample is wrong (0: wrong when clean; inf: right at every
+    eps), so it is right at eps e exactly when ``wrong_eps > e``. Segmentation: per attack,
+    ``<attack>/cms``, every image's confusion matrix at every eps (eps x images x true x pred).
+    With several attacks ``worst/...`` is the worst case, chosen by the rule of the table's
+    ``worst`` rows, so a paired comparison of two runs can use the rows they show.
+    """
+    arrays = {"eps": np.asarray(outcomes["done_eps"], dtype=np.float64)}
+    per_attack = outcomes["attacks"]
+    if task == "classification":
+        arrays["labels"] = outcomes["labels"].numpy().astype(np.int64)
+        wrong = {name: per_attack[name]["wrong_eps"].double() for name in attacks}
+        if len(attacks) > 1:
+            wrong["worst"] = torch.stack(list(wrong.values())).amin(0)
+        arrays.update({f"{name}/wrong_eps": value.numpy() for name, value in wrong.items()})
+        return arrays
+    cms = {name: [c.long() for c in per_attack[name]["cms"]] for name in attacks}
+    if len(attacks) > 1:
+        worst = []
+        for at_eps in zip(*cms.values()):
+            chosen = worst_case_choice(list(at_eps))
+            worst.append(torch.stack(at_eps)[chosen, torch.arange(len(chosen))])
+        cms["worst"] = worst
+    for name, per_eps in cms.items():
+        arrays[f"{name}/cms"] = (torch.stack(per_eps).numpy() if per_eps
+                                 else np.zeros((0, 0, 0, 0), dtype=np.int64))
+    return arrays

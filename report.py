@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from files import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
+from files import atomic_savefig, atomic_savez, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
 from stats import BOOTSTRAP_RESAMPLES  # noqa: E402
 from utils import ToolError  # noqa: E402
 
@@ -112,6 +112,7 @@ class Report:
         self.attacks = [*attacks, "worst"] if len(attacks) > 1 else list(attacks)
         self.fingerprint = config_fingerprint(self.config)
         self.examples: dict[str, dict] = {}
+        self.per_sample: dict[str, np.ndarray] = {}
         self.checks: list[dict] | None = None
         self.rows: dict[tuple[str, float, str], dict] = {}
         for row in previous_rows(self.out, self.config) if resume else []:
@@ -148,6 +149,10 @@ class Report:
     def add_examples(self, split: str, examples: dict) -> None:
         self.examples[split] = examples
 
+    def add_per_sample(self, split: str, arrays: dict[str, np.ndarray]) -> None:
+        """A split's per-sample outcomes (``outcomes.per_sample_arrays``) for ``per_sample.npz``."""
+        self.per_sample.update({f"{split}/{key}": value for key, value in arrays.items()})
+
     def add_checks(self, checks: list[dict]) -> None:
         self.checks = [{key: _clean(value) for key, value in check.items()} for check in checks]
 
@@ -161,8 +166,10 @@ class Report:
         atomic_write_json(self.out / "results.json", payload)
 
     def finish(self) -> None:
-        """Tables, robustness curves, example grid and report.md."""
+        """Tables, per-sample outcomes, robustness curves, example grid and report.md."""
         self.write_tables()
+        if self.per_sample:
+            atomic_savez(self.out / "per_sample.npz", self.per_sample)
         images = self.out / "Images"
         curve = images / ("AccClassif.png" if self.task == "classification" else "AccSegme.png")
         plot_curves(self.sorted_rows(), self.task, self.splits, self.attacks, self.norm, curve)

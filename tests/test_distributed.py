@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,10 @@ def test_two_processes_give_the_one_process_table(task, random_start, checkpoint
     assert strip(two["rows"]) == strip(one.sorted_rows())
     assert two["checks"] == one.checks
     assert done.stdout.count("wrote ") == 1, "only rank 0 prints and writes"
+    with np.load(tmp_path / "one" / "per_sample.npz") as first, np.load(tmp_path / "two" / "per_sample.npz") as second:
+        assert sorted(first.files) == sorted(second.files) and any(key.startswith("test/") for key in first.files)
+        for key in first.files:
+            assert np.array_equal(first[key], second[key]), key
 
 
 def test_a_failing_rank_ends_every_rank_quickly(checkpoints, tmp_path):

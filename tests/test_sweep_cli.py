@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import main as sweep_cli
 from conftest import write_tiny_checkpoint
 from dataset import build_splits
 from test_cli_errors import _assert_one_error_line, _run, assert_sweep_usage_error
-from utils import cpu_has_native_bf16
+from utils import cpu_has_native_bf16, segmentation_metrics
 
 USAGE = [
     pytest.param(["--attack", "pgd,nope"], ["--attack 'nope' is unknown", "fgsm, pgd"], id="unknown-in-list"),
@@ -62,11 +63,41 @@ def test_segmentation_sweep_with_three_attacks_writes_rows_figure_and_checklist(
     test_split = build_splits("segmentation", saved["config"]["data"], image_size=32)["test"]
     assert saved["config"]["split_digests"] == {"test": test_split.split_digest}
 
+    with np.load(out / "per_sample.npz", allow_pickle=False) as per_sample:
+        assert per_sample["test/eps"].tolist() == pytest.approx([0, 2 / 255, 8 / 255])
+        for row in saved["rows"]:  # every row's Dice, recomputed from the per-image matrices
+            cms = per_sample[f"test/{row['attack']}/cms"][[0, 2, 8].index(row["eps_255"])]
+            assert cms.shape == (row["n"], 3, 3)
+            assert segmentation_metrics(cms.sum(0))["dice_mean"] == pytest.approx(row["dice_mean"], abs=1e-12)
+
     rc, lines = _run(sweep_cli, [*argv, "--resume", "--no-checks"], capsys)
     assert rc == 0, lines
     again = json.loads((out / "results.json").read_text())
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(saved["rows"]) and "checks" not in again
+
+
+def test_per_sample_outcomes_give_every_rows_accuracy(tmp_path, capsys, make_classification_data):
+    """per_sample.npz holds, per attack and for the worst case, the smallest eps at which each
+    sample is wrong: the share of samples with wrong_eps > eps is the row's accuracy."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "cls.pt", "classification", make_classification_data())
+    out = tmp_path / "out"
+    rc, lines = _run(sweep_cli, ["--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+                                 "--attack", "pgd,fgsm", "--eps-list", "0", "2/255", "8/255", "--steps", "2",
+                                 "--no-checks"], capsys)
+    assert rc == 0, lines
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    with np.load(out / "per_sample.npz", allow_pickle=False) as per_sample:
+        for split in ("val", "test"):
+            labels = per_sample[f"{split}/labels"]
+            assert labels.dtype == np.int64 and set(labels.tolist()) <= set(range(5))
+            worst = per_sample[f"{split}/worst/wrong_eps"]
+            assert np.array_equal(worst, np.minimum(per_sample[f"{split}/pgd/wrong_eps"],
+                                                    per_sample[f"{split}/fgsm/wrong_eps"]))
+            for row in (r for r in rows if r["split"] == split):
+                wrong_eps = per_sample[f"{split}/{row['attack']}/wrong_eps"]
+                assert len(wrong_eps) == len(labels) == row["n"]
+                assert np.mean(wrong_eps > row["eps"]) == pytest.approx(row["accuracy"], abs=1e-12)
 
 
 def test_a_task_flag_that_contradicts_the_checkpoint_is_one_line_error(tmp_path, capsys):
