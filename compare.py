@@ -8,14 +8,20 @@ Where the runs were not measured alike (another step count, attack set, target, 
 of samples; read from each folder's ``results.json`` and table), ``compare.md`` lists the
 differences and the command prints a note: such a comparison is still drawn, but a curve may be
 lower only because its attack was stronger.
+Where two runs were tested on the same images and both wrote ``per_sample.npz``, ``compare.md``
+also gives each run's paired difference from the first run at every eps: for accuracy
+Newcombe's paired interval and McNemar's exact test, for Dice a paired bootstrap over images.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 import matplotlib
 
@@ -23,7 +29,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from files import atomic_savefig, atomic_write_text  # noqa: E402
-from utils import UsageError  # noqa: E402
+from stats import (BOOTSTRAP_RESAMPLES, mcnemar_exact_p, paired_dice_difference_interval,  # noqa: E402
+                   paired_difference_interval)
+from utils import UsageError, segmentation_metrics  # noqa: E402
 
 
 def _number(text: str | None) -> float | None:
@@ -65,6 +73,18 @@ def _read_config(path: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def _read_per_sample(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a run's ``per_sample.npz``; None when it has none or it cannot be read
+    (the comparison is then drawn without the paired tests)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 # What decides how strong an attack was or what it was measured on; a difference in any of
 # them makes two curves not like for like (the model, seed, device and engine may differ).
 COMPARABLE_SETTINGS = ("attacks", "steps", "alpha", "random_start", "targeted", "target_class", "target_map",
@@ -89,6 +109,7 @@ class Run:
         self.samples = {row["split"]: row.get("n") for row in self.rows}
         digests = self.config.get("split_digests")
         self.split_digests = ({split: str(d) for split, d in digests.items()} if isinstance(digests, dict) else {})
+        self.per_sample = _read_per_sample(folder / "per_sample.npz")
 
     @property
     def label(self) -> str:
@@ -209,7 +230,109 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
         for eps in eps_values:
             lines.append("| " + " | ".join([_eps_text(eps, norm), *(one.get(eps, "n/a") for one in cells)]) + " |")
         parts += ["", f"## {split}", "", *lines]
+    if len(runs) > 1:
+        parts += paired_markdown(runs)
     return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- paired differences
+def _outcomes(run: Run, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A run's swept eps and the per-sample outcomes of its shown rows in ``split``."""
+    field = "wrong_eps" if run.task == "classification" else "cms"
+    arrays = run.per_sample or {}
+    eps, outcome = arrays.get(f"{split}/eps"), arrays.get(f"{split}/{run.shown}/{field}")
+    return None if eps is None or outcome is None else (eps, outcome)
+
+
+def pairing_problem(first: Run, other: Run, split: str) -> str | None:
+    """Why ``other`` cannot be compared with ``first`` sample by sample in ``split`` (None if it can)."""
+    for run in (first, other):
+        if run.per_sample is None:
+            return f"{run.name} has no readable per_sample.npz (swept before it was written); sweep it again"
+        if _outcomes(run, split) is None:
+            return f"{run.name}'s per_sample.npz has no {split} outcomes of its {run.shown} rows"
+        if split not in run.split_digests:
+            return f"{run.name}'s results.json does not say which images {split} holds"
+    if first.split_digests[split] != other.split_digests[split]:
+        return "they were tested on other images (another --split-seed or data at training)"
+    sizes = [_outcomes(run, split)[1].shape[-3 if run.task == "segmentation" else 0] for run in (first, other)]
+    if sizes[0] != sizes[1]:
+        return f"{first.name} has {sizes[0]} {split} samples and {other.name} {sizes[1]} (another --limit?)"
+    labels = [(run.per_sample or {}).get(f"{split}/labels") for run in (first, other)]
+    if labels[0] is not None and labels[1] is not None and not np.array_equal(labels[0], labels[1]):
+        return f"their {split} samples have other labels"
+    return None
+
+
+def _matching(eps_values: np.ndarray, eps: float) -> int | None:
+    found = np.flatnonzero(np.isclose(eps_values, eps, rtol=0, atol=1e-9))
+    return int(found[0]) if len(found) else None
+
+
+def paired_differences(first: Run, other: Run, split: str) -> list[dict]:
+    """Per eps both runs swept: ``other`` minus ``first`` on the same samples, with its 95 %
+    interval (and, for accuracy, the discordant counts and McNemar's exact p-value)."""
+    (eps_first, first_outcome), (eps_other, other_outcome) = _outcomes(first, split), _outcomes(other, split)
+    rows = []
+    for eps in eps_first:
+        at = _matching(eps_other, float(eps))
+        if at is None:
+            continue
+        if first.task == "classification":
+            right_first, right_other = first_outcome > eps, other_outcome > eps
+            table = [int(np.sum(a & b)) for a, b in ((right_first, right_other), (right_first, ~right_other),
+                                                     (~right_first, right_other), (~right_first, ~right_other))]
+            low, high = paired_difference_interval(*table)
+            rows.append({"eps": float(eps), "difference": (table[2] - table[1]) / len(right_first), "low": low,
+                         "high": high, "only_first": table[1], "only_other": table[2],
+                         "p": mcnemar_exact_p(table[1], table[2])})
+        else:
+            cms_first, cms_other = first_outcome[_matching(eps_first, float(eps))], other_outcome[at]
+            dice = [segmentation_metrics(cms.sum(0))["dice_mean"] for cms in (cms_first, cms_other)]
+            low, high = paired_dice_difference_interval(cms_first, cms_other)
+            rows.append({"eps": float(eps), "difference": dice[1] - dice[0], "low": low, "high": high})
+    return rows
+
+
+def _signed(value: float, digits: int) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:+.{digits}f}"
+
+
+def paired_markdown(runs: Sequence[Run]) -> list[str]:
+    """The section of ``compare.md`` with every run's paired difference from the first run."""
+    first, classification = runs[0], runs[0].task == "classification"
+    method = ("for accuracy, Newcombe's paired score interval (method 10, 1998) and McNemar's exact test on the "
+              "samples only one of the two runs gets right" if classification else
+              f"for Dice, a paired percentile bootstrap over images ({BOOTSTRAP_RESAMPLES} resamples; each "
+              "resample pools both runs' confusion matrices of the same images)")
+    parts = ["", f"## Paired differences from {first.name}", "",
+             f"Each run minus **{first.name}** on the same samples at the same eps, from the runs' "
+             f"`per_sample.npz`: {method}. Because the runs are paired, an interval here can exclude 0 where "
+             "the two runs' own intervals overlap. Each row is one test; with many rows, some small p-values "
+             "are expected by chance."]
+    for split in dict.fromkeys(split for run in runs for split in run.splits):
+        lines = []
+        for other in runs[1:]:
+            problem = pairing_problem(first, other, split)
+            if problem is not None:
+                lines.append(f"- {other.name}: not paired, {problem}.")
+                continue
+            for row in paired_differences(first, other, split):
+                interval = f"{_signed(row['low'], 3)} to {_signed(row['high'], 3)}"
+                cells = [_eps_text(row["eps"], first.norm), other.name, _signed(row["difference"], 4), interval]
+                if classification:
+                    cells += [str(row["only_first"]), str(row["only_other"]), f"{row['p']:.3g}"]
+                lines.append("| " + " | ".join(cells) + " |")
+        notes = [line for line in lines if line.startswith("- ")]
+        table = [line for line in lines if line.startswith("| ")]
+        header = (["eps", "run", "accuracy difference", "95 % interval", f"only {first.name} right",
+                   "only the run right", "McNemar p"] if classification
+                  else ["eps", "run", "Dice difference", "95 % interval"])
+        parts += ["", f"### {split}", ""]
+        if table:
+            parts += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *table]
+        parts += ([""] if table and notes else []) + notes
+    return parts
 
 
 def compare(runs: Sequence[Run], out: Path) -> None:

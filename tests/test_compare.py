@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 import main as sweep_cli
@@ -139,3 +140,98 @@ def test_runs_measured_alike_carry_no_note(tmp_path, capsys):
     assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(argv))
     assert "Not like for like" not in (out / "compare.md").read_text()
     assert "note:" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- paired differences
+def write_paired_run(folder, outcomes, digest="d1", task="classification"):
+    """A finished run (one attack, eps 0 and 8/255 on test) with its per_sample.npz:
+    ``outcomes`` are wrong_eps per sample (classification) or cms per eps (segmentation)."""
+    key = "accuracy" if task == "classification" else "dice_mean"
+    folder.mkdir(parents=True)
+    n = len(outcomes) if task == "classification" else outcomes.shape[1]
+    with open(folder / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["split", "attack", "eps", "eps_255", "n", key])
+        writer.writeheader()
+        writer.writerows({"split": "test", "attack": "pgd", "eps": eps / 255, "eps_255": eps, "n": n, key: 0.5}
+                         for eps in (0, 8))
+    (folder / "results.json").write_text(json.dumps({"config": {"split_digests": {"test": digest}}}))
+    arrays = {"test/eps": np.array([0, 8 / 255])}
+    if task == "classification":
+        arrays.update({"test/labels": np.zeros(n, dtype=np.int64), "test/pgd/wrong_eps": np.asarray(outcomes)})
+    else:
+        arrays["test/pgd/cms"] = outcomes
+    np.savez(folder / "per_sample.npz", **arrays)
+    return folder
+
+
+def _wrong_eps(right_at_8):
+    """Right clean, and right or wrong at 8/255."""
+    return np.where(np.asarray(right_at_8), np.inf, 8 / 255)
+
+
+def test_compare_gives_paired_differences_with_mcnemar_and_newcombe(tmp_path, capsys):
+    from stats import paired_difference_interval
+
+    # at 8/255: 9 right in both, 1 only in the first run, 8 only in the second, 2 in neither
+    first = [1] * 9 + [1] + [0] * 8 + [0] * 2
+    second = [1] * 9 + [0] + [1] * 8 + [0] * 2
+    base = write_paired_run(tmp_path / "standard", _wrong_eps(first))
+    robust = write_paired_run(tmp_path / "pgd-at", _wrong_eps(second))
+    other_images = write_paired_run(tmp_path / "split1", _wrong_eps(second), digest="d2")
+    older = write_run(tmp_path / "older", "accuracy", [0.9, 0.5, 0.1])
+    out = tmp_path / "cmp"
+    rc, lines = _run(sweep_cli, ["--compare", str(base), str(robust), str(other_images), str(older),
+                                 "--out", str(out)], capsys)
+    assert rc == 0, lines
+    table = (out / "compare.md").read_text()
+    low, high = paired_difference_interval(9, 1, 8, 2)
+    assert f"| 8/255 | pgd-at | +0.3500 | {low:+.3f} to {high:+.3f} | 1 | 8 | 0.0391 |" in table
+    assert "| 0/255 | pgd-at | +0.0000 |" in table and "| 0 | 0 | 1 |" in table
+    assert "- split1: not paired, they were tested on other images" in table
+    assert "- older: not paired, older has no readable per_sample.npz" in table
+
+
+def test_compare_pairs_segmentation_runs_by_a_bootstrap_over_images(tmp_path, capsys):
+    cms = np.zeros((2, 6, 3, 3), dtype=np.int64)
+    cms[:, :, 0, 0], cms[:, :, 1, 1], cms[:, :, 2, 2], cms[:, :, 2, 1] = 400, 50, 30, 10
+    better = cms.copy()
+    better[1, :, 2, 2], better[1, :, 2, 1] = 35, 5  # at 8/255 5 more nucleus pixels per image
+    first = write_paired_run(tmp_path / "a", cms, task="segmentation")
+    second = write_paired_run(tmp_path / "b", better, task="segmentation")
+    trimmed = write_paired_run(tmp_path / "c", cms[:, :4], task="segmentation")
+    out = tmp_path / "cmp"
+    rc, lines = _run(sweep_cli, ["--compare", str(first), str(second), str(trimmed), "--out", str(out)], capsys)
+    assert rc == 0, lines
+    table = (out / "compare.md").read_text()
+    assert "| 0/255 | b | +0.0000 | +0.000 to +0.000 |" in table
+    gain = 2 * 35 / (2 * 35 + 5) / 2 - 2 * 30 / (2 * 30 + 10) / 2  # nucleus Dice up, cytoplasm Dice up too
+    gain += (2 * 50 / (2 * 50 + 5) - 2 * 50 / (2 * 50 + 10)) / 2
+    assert f"| 8/255 | b | {gain:+.4f} |" in table, "identical images: the interval collapses on the difference"
+    assert "- c: not paired, a has 6 test samples and c 4 (another --limit?)" in table
+
+
+def test_paired_differences_of_two_real_sweeps_match_their_tables(tmp_path, capsys, make_classification_data):
+    from conftest import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "cls.pt", "classification", make_classification_data())
+    folders = []
+    for steps in ("1", "4"):
+        folders.append(tmp_path / f"steps{steps}")
+        rc, lines = _run(sweep_cli, ["--checkpoint", str(checkpoint), "--out", str(folders[-1]), "--device", "cpu",
+                                     "--eps-list", "0", "4/255", "16/255", "--steps", steps, "--no-checks"], capsys)
+        assert rc == 0, lines
+    out = tmp_path / "cmp"
+    rc, lines = _run(sweep_cli, ["--compare", *map(str, folders), "--out", str(out)], capsys)
+    assert rc == 0, lines
+    from compare import load_runs, paired_differences
+
+    first, second = load_runs(list(map(str, folders)))
+    for split in ("val", "test"):
+        accuracy = [{float(r["eps"]): float(r["accuracy"]) for r in run.rows if r["split"] == split}
+                    for run in (first, second)]
+        rows = paired_differences(first, second, split)
+        assert [row["eps"] for row in rows] == sorted(accuracy[0])
+        for row in rows:
+            assert row["difference"] == pytest.approx(accuracy[1][row["eps"]] - accuracy[0][row["eps"]], abs=1e-12)
+            assert row["low"] <= row["difference"] <= row["high"]
+    assert "## Paired differences from steps1" in (out / "compare.md").read_text()
