@@ -248,7 +248,8 @@ def pairing_problem(first: Run, other: Run, split: str) -> str | None:
     """Why ``other`` cannot be compared with ``first`` sample by sample in ``split`` (None if it can)."""
     for run in (first, other):
         if run.per_sample is None:
-            return f"{run.name} has no readable per_sample.npz (swept before it was written); sweep it again"
+            return (f"{run.name} has no readable per_sample.npz (a sweep writes it when it finishes; older "
+                    "versions did not)")
         if _outcomes(run, split) is None:
             return f"{run.name}'s per_sample.npz has no {split} outcomes of its {run.shown} rows"
         if split not in run.split_digests:

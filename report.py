@@ -145,6 +145,8 @@ class Report:
         row["eps_255"] = round(float(row["eps"]) * 255, 4) if self.norm == "Linf" else None
         self._keep(row)
         self.write_tables()
+        # The tables now describe this sweep; outcomes of an earlier one must not be paired with them.
+        (self.out / "per_sample.npz").unlink(missing_ok=True)
 
     def add_examples(self, split: str, examples: dict) -> None:
         self.examples[split] = examples

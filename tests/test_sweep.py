@@ -383,3 +383,16 @@ def test_folded_batchnorm_is_recorded_and_a_resume_must_match_it(tmp_path, check
         run_main(cli(*base, "--out", tmp_path / "folded", "--no-fold-batchnorm", "--resume"))
     library = run_main(cli(*base, "--out", tmp_path / "library", "--engine", "library"))
     assert library.config["fold_batchnorm"] is False
+
+
+def test_a_new_sweeps_first_row_removes_the_per_sample_outcomes_of_an_earlier_one(tmp_path):
+    """Until it finishes, a sweep's tables must not sit next to another sweep's per_sample.npz
+    (--compare would pair those outcomes with these tables)."""
+    import numpy as np
+
+    np.savez(tmp_path / "per_sample.npz", **{"test/eps": np.zeros(1)})
+    report = Report(tmp_path, "classification", {"task": "classification", "class_names": CLASS_NAMES},
+                    splits=["test"], eps_list=[0.0])
+    assert (tmp_path / "per_sample.npz").exists(), "nothing is removed before a row is written"
+    report.add_row({"split": "test", "attack": "pgd", "eps": 0.0, "n": 2, "accuracy": 0.5, "seconds": 0.0})
+    assert (tmp_path / "results.csv").exists() and not (tmp_path / "per_sample.npz").exists()
