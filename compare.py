@@ -10,7 +10,7 @@ differences and the command prints a note: such a comparison is still drawn, but
 lower only because its attack was stronger.
 Where two runs were tested on the same images and both wrote ``per_sample.npz``, ``compare.md``
 also gives each run's paired difference from the first run at every eps: for accuracy
-Newcombe's paired interval and McNemar's exact test, for Dice a paired bootstrap over images.
+Newcombe's paired interval and McNemar's mid-p test, for Dice a paired bootstrap over images.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from files import atomic_savefig, atomic_write_text  # noqa: E402
-from stats import (BOOTSTRAP_RESAMPLES, mcnemar_exact_p, paired_dice_difference_interval,  # noqa: E402
+from stats import (BOOTSTRAP_RESAMPLES, mcnemar_mid_p, paired_dice_difference_interval,  # noqa: E402
                    paired_difference_interval)
 from utils import UsageError, segmentation_metrics  # noqa: E402
 
@@ -286,7 +286,7 @@ def paired_differences(first: Run, other: Run, split: str) -> list[dict]:
             low, high = paired_difference_interval(*table)
             rows.append({"eps": float(eps), "difference": (table[2] - table[1]) / len(right_first), "low": low,
                          "high": high, "only_first": table[1], "only_other": table[2],
-                         "p": mcnemar_exact_p(table[1], table[2])})
+                         "p": mcnemar_mid_p(table[1], table[2])})
         else:
             cms_first, cms_other = first_outcome[_matching(eps_first, float(eps))], other_outcome[at]
             dice = [segmentation_metrics(cms.sum(0))["dice_mean"] for cms in (cms_first, cms_other)]
@@ -302,8 +302,8 @@ def _signed(value: float, digits: int) -> str:
 def paired_markdown(runs: Sequence[Run]) -> list[str]:
     """The section of ``compare.md`` with every run's paired difference from the first run."""
     first, classification = runs[0], runs[0].task == "classification"
-    method = ("for accuracy, Newcombe's paired score interval (method 10, 1998) and McNemar's exact test on the "
-              "samples only one of the two runs gets right" if classification else
+    method = ("for accuracy, Newcombe's paired score interval (method 10, 1998) and McNemar's mid-p test on the "
+              "samples only one of the two runs gets right (mid-p: Fagerland et al. 2013)" if classification else
               f"for Dice, a paired percentile bootstrap over images ({BOOTSTRAP_RESAMPLES} resamples; each "
               "resample pools both runs' confusion matrices of the same images)")
     parts = ["", f"## Paired differences from {first.name}", "",
@@ -327,7 +327,7 @@ def paired_markdown(runs: Sequence[Run]) -> list[str]:
         notes = [line for line in lines if line.startswith("- ")]
         table = [line for line in lines if line.startswith("| ")]
         header = (["eps", "run", "accuracy difference", "95 % interval", f"only {first.name} right",
-                   "only the run right", "McNemar p"] if classification
+                   "only the run right", "McNemar mid-p"] if classification
                   else ["eps", "run", "Dice difference", "95 % interval"])
         parts += ["", f"### {split}", ""]
         if table:

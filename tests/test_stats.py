@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from stats import (Z95, bootstrap_dice_interval, mcnemar_exact_p, paired_dice_difference_interval,
+from stats import (Z95, bootstrap_dice_interval, mcnemar_mid_p, paired_dice_difference_interval,
                    paired_difference_interval, wilson_interval)
 from utils import segmentation_metrics
 
@@ -83,22 +83,26 @@ def test_bootstrap_interval_matches_an_index_resampling_of_the_pooled_dice():
 
 # --------------------------------------------------------------------------- two runs on the same samples
 @pytest.mark.parametrize("only_first, only_second, p", [
-    (1, 8, 20 / 512),  # by hand: 2 (C(9,0) + C(9,1)) / 2^9
-    (0, 5, 2 / 32),
+    (1, 7, 10 / 256),  # by hand: 2 (C(8,0) + C(8,1) / 2) / 2^8 (the exact test: 18 / 256)
+    (1, 8, 11 / 512),
+    (0, 5, 1 / 32),
     (3, 3, 1.0),
     (0, 0, 1.0),
-    (2, 0, 0.5),
+    (2, 0, 0.25),
 ])
-def test_mcnemar_exact_hand_cases(only_first, only_second, p):
-    assert mcnemar_exact_p(only_first, only_second) == pytest.approx(p, abs=1e-15)
+def test_mcnemar_mid_p_hand_cases(only_first, only_second, p):
+    assert mcnemar_mid_p(only_first, only_second) == pytest.approx(p, abs=1e-15)
 
 
-def test_mcnemar_exact_agrees_with_scipys_binomial_test():
-    binomtest = pytest.importorskip("scipy.stats").binomtest
+def test_mcnemar_mid_p_is_scipys_exact_test_less_the_observed_point():
+    stats = pytest.importorskip("scipy.stats")
     for only_first, only_second in [(1, 8), (7, 19), (40, 61), (0, 12), (250, 300)]:
-        expected = binomtest(min(only_first, only_second), only_first + only_second, 0.5).pvalue
-        assert mcnemar_exact_p(only_first, only_second) == pytest.approx(expected, rel=1e-9)
-        assert mcnemar_exact_p(only_second, only_first) == mcnemar_exact_p(only_first, only_second)
+        n, k = only_first + only_second, min(only_first, only_second)
+        expected = stats.binomtest(k, n, 0.5).pvalue - stats.binom.pmf(k, n, 0.5)
+        assert mcnemar_mid_p(only_first, only_second) == pytest.approx(expected, rel=1e-9)
+        assert mcnemar_mid_p(only_second, only_first) == mcnemar_mid_p(only_first, only_second)
+    with pytest.raises(ValueError):
+        mcnemar_mid_p(-1, 3)
 
 
 def test_paired_interval_hand_cases():
