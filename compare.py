@@ -272,10 +272,10 @@ def _matching(eps_values: np.ndarray, eps: float) -> int | None:
 
 def paired_differences(first: Run, other: Run, split: str) -> list[dict]:
     """Per eps both runs swept: ``other`` minus ``first`` on the same samples, with its 95 %
-    interval (and, for accuracy, the discordant counts and McNemar's exact p-value)."""
+    interval (and, for accuracy, the discordant counts and McNemar's mid-p value)."""
     (eps_first, first_outcome), (eps_other, other_outcome) = _outcomes(first, split), _outcomes(other, split)
     rows = []
-    for eps in eps_first:
+    for position, eps in enumerate(eps_first):
         at = _matching(eps_other, float(eps))
         if at is None:
             continue
@@ -288,7 +288,7 @@ def paired_differences(first: Run, other: Run, split: str) -> list[dict]:
                          "high": high, "only_first": table[1], "only_other": table[2],
                          "p": mcnemar_mid_p(table[1], table[2])})
         else:
-            cms_first, cms_other = first_outcome[_matching(eps_first, float(eps))], other_outcome[at]
+            cms_first, cms_other = first_outcome[position], other_outcome[at]
             dice = [segmentation_metrics(cms.sum(0))["dice_mean"] for cms in (cms_first, cms_other)]
             low, high = paired_dice_difference_interval(cms_first, cms_other)
             rows.append({"eps": float(eps), "difference": dice[1] - dice[0], "low": low, "high": high})
@@ -311,24 +311,22 @@ def paired_markdown(runs: Sequence[Run]) -> list[str]:
              f"`per_sample.npz`: {method}. Because the runs are paired, an interval here can exclude 0 where "
              "the two runs' own intervals overlap. Each row is one test; with many rows, some small p-values "
              "are expected by chance."]
+    header = (["eps", "run", "accuracy difference", "95 % interval", f"only {first.name} right",
+               "only the run right", "McNemar mid-p"] if classification
+              else ["eps", "run", "Dice difference", "95 % interval"])
     for split in dict.fromkeys(split for run in runs for split in run.splits):
-        lines = []
+        table, notes = [], []
         for other in runs[1:]:
             problem = pairing_problem(first, other, split)
             if problem is not None:
-                lines.append(f"- {other.name}: not paired, {problem}.")
+                notes.append(f"- {other.name}: not paired, {problem}.")
                 continue
             for row in paired_differences(first, other, split):
                 interval = f"{_signed(row['low'], 3)} to {_signed(row['high'], 3)}"
                 cells = [_eps_text(row["eps"], first.norm), other.name, _signed(row["difference"], 4), interval]
                 if classification:
                     cells += [str(row["only_first"]), str(row["only_other"]), f"{row['p']:.3g}"]
-                lines.append("| " + " | ".join(cells) + " |")
-        notes = [line for line in lines if line.startswith("- ")]
-        table = [line for line in lines if line.startswith("| ")]
-        header = (["eps", "run", "accuracy difference", "95 % interval", f"only {first.name} right",
-                   "only the run right", "McNemar mid-p"] if classification
-                  else ["eps", "run", "Dice difference", "95 % interval"])
+                table.append("| " + " | ".join(cells) + " |")
         parts += ["", f"### {split}", ""]
         if table:
             parts += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *table]
