@@ -98,6 +98,19 @@ def paired_dice_difference_interval(first_cms: torch.Tensor | np.ndarray, second
     return _percentiles(np.concatenate(drawn), level)
 
 
+def metric_interval(task: str, split_cm: torch.Tensor, per_image_cms: torch.Tensor | None = None) -> dict:
+    """The 95 % interval of a split's primary metric, as the sweep's tables and train.py's
+    ``metrics.json`` give it: Wilson for accuracy (from the split's confusion matrix), the
+    bootstrap over images for ``dice_mean`` (from every image's matrix, in split order)."""
+    if task == "classification":
+        low, high = wilson_interval(int(split_cm.trace()), int(split_cm.sum()))
+        return {"accuracy_ci95_low": low, "accuracy_ci95_high": high}
+    if per_image_cms is None:
+        raise ValueError("a Dice interval needs the per-image confusion matrices")
+    low, high = bootstrap_dice_interval(per_image_cms)
+    return {"dice_mean_ci95_low": low, "dice_mean_ci95_high": high}
+
+
 def mcnemar_mid_p(only_first: int, only_second: int) -> float:
     """The two-sided mid-p McNemar test of two classifiers on the same samples.
 

@@ -38,7 +38,7 @@ from engine import (NORM_TOLERANCE, Engine, Finished, FirstSteps, check_adversar
 from files import atomic_torch_save
 from outcomes import RowStats, example_indices, example_slots, merge_examples
 from splitdata import SplitSource
-from stats import bootstrap_dice_interval, wilson_interval
+from stats import metric_interval
 from utils import ConfusionMatrix, DataError, compute_metrics, per_image_confusion, worst_case_choice
 
 WORST = "worst"
@@ -305,8 +305,7 @@ class _ClassificationSweep(_SplitSweep):
         stats = stats.reduced(self.dist)
         row, split_cm = self.head(name, eps), self.dist.sum(cm.mat)
         row.update(compute_metrics("classification", split_cm, self.spec.class_names))
-        low, high = wilson_interval(int(split_cm.trace()), int(split_cm.sum()))
-        row.update(accuracy_ci95_low=low, accuracy_ci95_high=high)
+        row.update(metric_interval("classification", split_cm))
         row.update({"attack_success_rate": n_success / n_eligible if n_eligible else math.nan, **stats.means(),
                     "seconds": stats.seconds})
         return row
@@ -397,9 +396,9 @@ class _SegmentationSweep(_SplitSweep):
         pixels, n_flipped = self.counts(state["clean_pred"].numel(), flipped.sum().item())
         stats = stats.reduced(self.dist)
         row = self.head(name, eps)
-        row.update(compute_metrics("segmentation", self.dist.sum(cms.sum(0)), self.spec.class_names))
-        low, high = bootstrap_dice_interval(torch.cat(self.dist.gather(cms)))
-        row.update(dice_mean_ci95_low=low, dice_mean_ci95_high=high)
+        split_cm = self.dist.sum(cms.sum(0))
+        row.update(compute_metrics("segmentation", split_cm, self.spec.class_names))
+        row.update(metric_interval("segmentation", split_cm, torch.cat(self.dist.gather(cms))))
         row.update({"flipped_fraction": n_flipped / pixels if pixels else math.nan, **stats.means(),
                     "seconds": stats.seconds})
         return row

@@ -29,10 +29,11 @@ from files import atomic_write_csv, atomic_write_json, check_writable_dir, outpu
 from model import DEPTHS, IMAGENET_MEAN, IMAGENET_STD, TASKS, build_model
 from run_folder import (best_metric_key, load_best, load_resume, refuse_earlier_run, remove_earlier_run,
                         restore_state)
+from stats import metric_interval
 from training_utils import (autocast_dtype, build_optimizer, build_scheduler, channel_stats, class_weights,
                             configure_determinism, plot_training_curves, seed_epoch, soft_dice_loss, summary_line)
 from utils import (ArgumentParser, ConfusionMatrix, DataError, ToolError, UsageError, check_number, check_seed,
-                   compute_metrics, primary_metric, resolve_device, run_cli, seed_everything)
+                   compute_metrics, per_image_confusion, primary_metric, resolve_device, run_cli, seed_everything)
 
 #: Flags left out default per task. Classification's were chosen on the 300 real cells of wbc-seg-d1
 #: (211 training images): batch 16 for 13 optimiser steps per epoch instead of 6, and 96 px, which
@@ -215,17 +216,30 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, task: str,
              class_names: list[str], desc: str = "eval", channels_last: bool = True,
-             dist: Dist | None = None) -> dict:
+             dist: Dist | None = None, interval: bool = False) -> dict:
     """Metrics from a confusion matrix accumulated over the whole split (under torchrun: summed
-    over the ranks' shards, so every sample counts once)."""
+    over the ranks' shards, so every sample counts once); with ``interval`` also the primary
+    metric's 95 % interval, as main.py's tables give it (the loaders of val and test are
+    unshuffled contiguous shards, so the gathered per-image matrices are in split order)."""
     dist = dist or Dist()
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    cm = ConfusionMatrix(len(class_names))
+    cm, image_cms = ConfusionMatrix(len(class_names)), []
     for images, target in tqdm(loader, desc=desc, leave=False, disable=None if dist.is_main else True):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        cm.update(target, model(images).argmax(1).cpu())
-    return compute_metrics(task, dist.sum(cm.mat), class_names)
+        pred = model(images).argmax(1).cpu()
+        cm.update(target, pred)
+        if interval and task == "segmentation":
+            image_cms.append(per_image_confusion(target, pred, len(class_names)))
+    split_cm = dist.sum(cm.mat)
+    metrics = compute_metrics(task, split_cm, class_names)
+    if interval:
+        whole = None
+        if task == "segmentation":
+            k = len(class_names)
+            whole = torch.cat(dist.gather(torch.cat(image_cms) if image_cms else torch.zeros(0, k, k, dtype=torch.long)))
+        metrics.update(metric_interval(task, split_cm, whole))
+    return metrics
 
 
 def selection_tolerance(task: str, val_size: int, robust_limit: int | None = None) -> float:
@@ -410,7 +424,8 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     dist.barrier()  # the main rank has written best.pt
     best = load_best(args, ckpt_dir / "best.pt", history)
     module.load_state_dict(best["model"])
-    test = evaluate(module, loaders["test"], device, args.task, class_names, "test", args.channels_last, dist)
+    test = evaluate(module, loaders["test"], device, args.task, class_names, "test", args.channels_last, dist,
+                    interval=True)
     robust = robust_test_metrics(module, splits["test"], args, adv, class_names, dist)
     result = {**test, **robust, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2),
               "world_size": dist.world_size}

@@ -19,6 +19,7 @@ import dataset
 import raabin
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
+from stats import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,12 @@ def test_one_epoch_smoke_run_writes_everything(tmp_path, tiny_synthetic_root, ta
         "pixel_accuracy", "dice_cytoplasm", "dice_nucleus", "dice_mean", "iou_mean"}
     assert expected | {"train_seconds"} <= metrics.keys()
     assert metrics.keys() == result.keys()
+    key = "accuracy" if task == "classification" else "dice_mean"
+    low, high = metrics[f"{key}_ci95_low"], metrics[f"{key}_ci95_high"]
+    assert 0 <= low <= metrics[key] <= high <= 1 and low < high, "the test metric's 95 % interval"
+    if task == "classification":
+        n = len(dataset.build_splits("classification", tiny_synthetic_root / "Train", image_size=32)["test"])
+        assert (low, high) == pytest.approx(wilson_interval(round(metrics["accuracy"] * n), n))
     for key, value in result.items():
         assert metrics[key] is None if value != value else metrics[key] == pytest.approx(value), key
     rows = list(csv.DictReader((out / "log.csv").open()))

@@ -46,7 +46,7 @@ def single_process_test_metrics(best: Path, data: Path) -> dict:
     model, cpu = model_from_checkpoint(ckpt), torch.device("cpu")
     split = dataset.build_splits("classification", data, image_size=32)["test"]
     loader = dataset.make_loader(split, 3, train=False)
-    clean = train.evaluate(model, loader, cpu, "classification", ckpt["class_names"], "test")
+    clean = train.evaluate(model, loader, cpu, "classification", ckpt["class_names"], "test", interval=True)
     robust = robust_metrics(model, split_source(split, range(len(split)), in_memory=True), "classification",
                             ckpt["class_names"], 4 / 255, cpu, batch_size=3)
     return {**clean, **{f"test_robust_{key}": value for key, value in robust.items()}}
