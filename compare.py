@@ -10,7 +10,8 @@ differences and the command prints a note: such a comparison is still drawn, but
 lower only because its attack was stronger.
 Where two runs were tested on the same images and both wrote ``per_sample.npz``, ``compare.md``
 also gives each run's paired difference from the first run at every eps: for accuracy
-Newcombe's paired interval and McNemar's mid-p test, for Dice a paired bootstrap over images.
+Newcombe's paired interval and McNemar's mid-p test, for Dice a paired bootstrap over images
+and a paired permutation test.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from files import atomic_savefig, atomic_write_text  # noqa: E402
 from stats import (BOOTSTRAP_RESAMPLES, mcnemar_mid_p, paired_dice_difference_interval,  # noqa: E402
-                   paired_difference_interval)
+                   paired_dice_permutation_p, paired_difference_interval)
 from utils import UsageError, segmentation_metrics  # noqa: E402
 
 
@@ -272,7 +273,8 @@ def _matching(eps_values: np.ndarray, eps: float) -> int | None:
 
 def paired_differences(first: Run, other: Run, split: str) -> list[dict]:
     """Per eps both runs swept: ``other`` minus ``first`` on the same samples, with its 95 %
-    interval (and, for accuracy, the discordant counts and McNemar's mid-p value)."""
+    interval and p-value (McNemar's mid-p with the discordant counts for accuracy, a paired
+    permutation test for Dice)."""
     (eps_first, first_outcome), (eps_other, other_outcome) = _outcomes(first, split), _outcomes(other, split)
     rows = []
     for position, eps in enumerate(eps_first):
@@ -291,7 +293,8 @@ def paired_differences(first: Run, other: Run, split: str) -> list[dict]:
             cms_first, cms_other = first_outcome[position], other_outcome[at]
             dice = [segmentation_metrics(cms.sum(0))["dice_mean"] for cms in (cms_first, cms_other)]
             low, high = paired_dice_difference_interval(cms_first, cms_other)
-            rows.append({"eps": float(eps), "difference": dice[1] - dice[0], "low": low, "high": high})
+            rows.append({"eps": float(eps), "difference": dice[1] - dice[0], "low": low, "high": high,
+                         "p": paired_dice_permutation_p(cms_first, cms_other)})
     return rows
 
 
@@ -305,7 +308,8 @@ def paired_markdown(runs: Sequence[Run]) -> list[str]:
     method = ("for accuracy, Newcombe's paired score interval (method 10, 1998) and McNemar's mid-p test on the "
               "samples only one of the two runs gets right (mid-p: Fagerland et al. 2013)" if classification else
               f"for Dice, a paired percentile bootstrap over images ({BOOTSTRAP_RESAMPLES} resamples; each "
-              "resample pools both runs' confusion matrices of the same images)")
+              "resample pools both runs' confusion matrices of the same images) and a paired permutation test "
+              f"({BOOTSTRAP_RESAMPLES} random swaps of the two runs' matrices, image by image)")
     parts = ["", f"## Paired differences from {first.name}", "",
              f"Each run minus **{first.name}** on the same samples at the same eps, from the runs' "
              f"`per_sample.npz`: {method}. Because the runs are paired, an interval here can exclude 0 where "
@@ -313,7 +317,7 @@ def paired_markdown(runs: Sequence[Run]) -> list[str]:
              "are expected by chance."]
     header = (["eps", "run", "accuracy difference", "95 % interval", f"only {first.name} right",
                "only the run right", "McNemar mid-p"] if classification
-              else ["eps", "run", "Dice difference", "95 % interval"])
+              else ["eps", "run", "Dice difference", "95 % interval", "permutation p"])
     for split in dict.fromkeys(split for run in runs for split in run.splits):
         table, notes = [], []
         for other in runs[1:]:
@@ -325,7 +329,8 @@ def paired_markdown(runs: Sequence[Run]) -> list[str]:
                 interval = f"{_signed(row['low'], 3)} to {_signed(row['high'], 3)}"
                 cells = [_eps_text(row["eps"], first.norm), other.name, _signed(row["difference"], 4), interval]
                 if classification:
-                    cells += [str(row["only_first"]), str(row["only_other"]), f"{row['p']:.3g}"]
+                    cells += [str(row["only_first"]), str(row["only_other"])]
+                cells.append(f"{row['p']:.3g}")
                 table.append("| " + " | ".join(cells) + " |")
         parts += ["", f"### {split}", ""]
         if table:

@@ -203,10 +203,11 @@ def test_compare_pairs_segmentation_runs_by_a_bootstrap_over_images(tmp_path, ca
     rc, lines = _run(sweep_cli, ["--compare", str(first), str(second), str(trimmed), "--out", str(out)], capsys)
     assert rc == 0, lines
     table = (out / "compare.md").read_text()
-    assert "| 0/255 | b | +0.0000 | +0.000 to +0.000 |" in table
+    assert "| 0/255 | b | +0.0000 | +0.000 to +0.000 | 1 |" in table
     gain = 2 * 35 / (2 * 35 + 5) / 2 - 2 * 30 / (2 * 30 + 10) / 2  # nucleus Dice up, cytoplasm Dice up too
     gain += (2 * 50 / (2 * 50 + 5) - 2 * 50 / (2 * 50 + 10)) / 2
-    assert f"| 8/255 | b | {gain:+.4f} |" in table, "identical images: the interval collapses on the difference"
+    assert f"| 8/255 | b | {gain:+.4f} | {gain:+.3f} to {gain:+.3f} | 0.0" in table, \
+        "identical images: the interval collapses on the difference, and every swap but none and all is milder"
     assert "- c: not paired, a has 6 test samples and c 4 (another --limit?)" in table
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stats import (Z95, bootstrap_dice_interval, mcnemar_mid_p, paired_dice_difference_interval,
-                   paired_difference_interval, wilson_interval)
+                   paired_dice_permutation_p, paired_difference_interval, wilson_interval)
 from utils import segmentation_metrics
 
 
@@ -182,3 +182,44 @@ def test_paired_dice_interval_matches_an_index_resampling_and_is_narrower_than_u
     unpaired = math.hypot(*(np.diff(bootstrap_dice_interval(cms))[0] / 2 for cms in (first, second)))
     assert (high - low) / 2 < unpaired / 5
     assert paired_dice_difference_interval(second, first, resamples=3000) == pytest.approx((-high, -low), abs=1e-12)
+
+
+def _gained(seed, n=8, low=-3, high=12):
+    """Two runs on n images: the second finds a few more (or fewer) nucleus pixels per image."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(50, 300, size=n)
+    first = _image_cms(sizes, (sizes * rng.uniform(0.3, 0.9, size=n)).astype(int))
+    second, gain = first.copy(), rng.integers(low, high, size=n)
+    second[:, 2, 2] += gain
+    second[:, 2, 0] -= gain
+    return first, second
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dice_permutation_p_matches_the_exact_enumeration(seed):
+    """All 2^8 ways to swap the two runs' matrices image by image, each pooled with the table's
+    own metric: the share at least as extreme as the observed difference."""
+    import itertools
+
+    first, second = _gained(seed)
+
+    def difference(a, b):
+        return segmentation_metrics(b.sum(0))["dice_mean"] - segmentation_metrics(a.sum(0))["dice_mean"]
+
+    observed, extreme = difference(first, second), 0
+    for signs in itertools.product([False, True], repeat=len(first)):
+        swap = np.array(signs)[:, None, None]
+        swapped = difference(np.where(swap, second, first), np.where(swap, first, second))
+        extreme += abs(swapped) >= abs(observed) * (1 - 1e-9)
+    exact = extreme / 2 ** len(first)
+    assert paired_dice_permutation_p(first, second, resamples=20000) == pytest.approx(exact, abs=0.004)
+    assert paired_dice_permutation_p(second, first) == paired_dice_permutation_p(first, second)
+
+
+def test_dice_permutation_p_of_identical_runs_is_1_and_of_a_gain_on_every_image_small():
+    first, second = _gained(4, n=12, low=3, high=12)
+    assert paired_dice_permutation_p(first, first) == 1.0
+    assert paired_dice_permutation_p(first, second) < 0.01  # every image gains: few swaps are as extreme
+    assert paired_dice_permutation_p(first, second) >= 1 / 1001, "counting the observed split, never 0"
+    with pytest.raises(ValueError):
+        paired_dice_permutation_p(first, second[:3])
