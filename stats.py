@@ -1,6 +1,7 @@
 """Uncertainty of the sweep's numbers: 95 % intervals of one row (Wilson for accuracy, a
 bootstrap over images for Dice) and, for two runs on the same images, of their difference
-(Newcombe's paired interval and McNemar's mid-p test for accuracy, a paired bootstrap for Dice)."""
+(Newcombe's paired interval and McNemar's mid-p test for accuracy, a paired bootstrap and a
+paired permutation test for Dice)."""
 from __future__ import annotations
 
 import math
