@@ -135,7 +135,5 @@ def per_sample_arrays(outcomes: dict, task: str, attacks: Sequence[str]) -> dict
             chosen = worst_case_choice(list(at_eps))
             worst.append(torch.stack(at_eps)[chosen, torch.arange(len(chosen))])
         cms["worst"] = worst
-    for name, per_eps in cms.items():
-        arrays[f"{name}/cms"] = (torch.stack(per_eps).numpy() if per_eps
-                                 else np.zeros((0, 0, 0, 0), dtype=np.int64))
+    arrays.update({f"{name}/cms": torch.stack(per_eps).numpy() for name, per_eps in cms.items()})
     return arrays

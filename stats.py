@@ -60,6 +60,16 @@ def _as_cms(per_image_cms: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(per_image_cms), dtype=torch.float64)
 
 
+def _paired_cms(first_cms: torch.Tensor | np.ndarray,
+                second_cms: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two runs' per-image matrices, which must be of the same images."""
+    first, second = _as_cms(first_cms), _as_cms(second_cms)
+    if first.shape != second.shape:
+        raise ValueError(f"paired runs need matrices of the same images, got shapes {tuple(first.shape)} "
+                         f"and {tuple(second.shape)}")
+    return first, second
+
+
 def bootstrap_dice_interval(per_image_cms: torch.Tensor | np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
                             seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """A percentile-bootstrap interval of ``dice_mean`` over the images of a split.
@@ -90,10 +100,7 @@ def paired_dice_difference_interval(first_cms: torch.Tensor | np.ndarray, second
     matrices of those images, so what the images share (a hard cell is hard for both models)
     cancels, and the interval is that of the difference, not of two independent numbers.
     """
-    first, second = _as_cms(first_cms), _as_cms(second_cms)
-    if first.shape != second.shape:
-        raise ValueError(f"paired runs need matrices of the same images, got shapes {tuple(first.shape)} "
-                         f"and {tuple(second.shape)}")
+    first, second = _paired_cms(first_cms, second_cms)
     n, classes = len(first), first.shape[-1]
     if n < 2:
         return math.nan, math.nan
@@ -113,10 +120,7 @@ def paired_dice_permutation_p(first_cms: torch.Tensor | np.ndarray, second_cms: 
     as far from 0 as the observed difference, counting the observed one (Phipson and Smyth,
     Stat Appl Genet Mol Biol 2010), so it is never 0.
     """
-    first, second = _as_cms(first_cms), _as_cms(second_cms)
-    if first.shape != second.shape:
-        raise ValueError(f"paired runs need matrices of the same images, got shapes {tuple(first.shape)} "
-                         f"and {tuple(second.shape)}")
+    first, second = _paired_cms(first_cms, second_cms)
     n, classes = len(first), first.shape[-1]
     if n == 0:
         return math.nan
