@@ -30,8 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from files import atomic_savefig, atomic_write_text  # noqa: E402
-from stats import (BOOTSTRAP_RESAMPLES, mcnemar_mid_p, paired_dice_difference_interval,  # noqa: E402
-                   paired_dice_permutation_p, paired_difference_interval)
+from stats import (BOOTSTRAP_RESAMPLES, holm_adjusted, mcnemar_mid_p,  # noqa: E402
+                   paired_dice_difference_interval, paired_dice_permutation_p, paired_difference_interval)
 from utils import UsageError, segmentation_metrics  # noqa: E402
 
 
@@ -303,7 +303,9 @@ def _signed(value: float, digits: int) -> str:
 
 
 def paired_markdown(runs: Sequence[Run]) -> list[str]:
-    """The section of ``compare.md`` with every run's paired difference from the first run."""
+    """The section of ``compare.md`` with every run's paired difference from the first run.
+
+    Every row of the section (all splits, runs and eps) is one family for Holm's adjustment."""
     first, classification = runs[0], runs[0].task == "classification"
     method = ("for accuracy, Newcombe's paired score interval (method 10, 1998) and McNemar's mid-p test on the "
               "samples only one of the two runs gets right (mid-p: Fagerland et al. 2013)" if classification else
@@ -313,25 +315,32 @@ def paired_markdown(runs: Sequence[Run]) -> list[str]:
     parts = ["", f"## Paired differences from {first.name}", "",
              f"Each run minus **{first.name}** on the same samples at the same eps, from the runs' "
              f"`per_sample.npz`: {method}. Because the runs are paired, an interval here can exclude 0 where "
-             "the two runs' own intervals overlap. Each row is one test; with many rows, some small p-values "
-             "are expected by chance."]
+             "the two runs' own intervals overlap. Each row is one test, so with many rows some small p-values "
+             "are expected by chance; the Holm column adjusts every p-value of this section (all splits, runs "
+             "and eps) as one family, so that rows with Holm p at most 0.05 hold together at the 5 % level."]
     header = (["eps", "run", "accuracy difference", "95 % interval", f"only {first.name} right",
                "only the run right", "McNemar mid-p"] if classification
-              else ["eps", "run", "Dice difference", "95 % interval", "permutation p"])
+              else ["eps", "run", "Dice difference", "95 % interval", "permutation p"]) + ["Holm p"]
+    sections = {}
     for split in dict.fromkeys(split for run in runs for split in run.splits):
-        table, notes = [], []
+        rows, notes = [], []
         for other in runs[1:]:
             problem = pairing_problem(first, other, split)
-            if problem is not None:
+            if problem is None:
+                rows += [(other, row) for row in paired_differences(first, other, split)]
+            else:
                 notes.append(f"- {other.name}: not paired, {problem}.")
-                continue
-            for row in paired_differences(first, other, split):
-                interval = f"{_signed(row['low'], 3)} to {_signed(row['high'], 3)}"
-                cells = [_eps_text(row["eps"], first.norm), other.name, _signed(row["difference"], 4), interval]
-                if classification:
-                    cells += [str(row["only_first"]), str(row["only_other"])]
-                cells.append(f"{row['p']:.3g}")
-                table.append("| " + " | ".join(cells) + " |")
+        sections[split] = rows, notes
+    adjusted = iter(holm_adjusted([row["p"] for rows, _ in sections.values() for _, row in rows]))
+    for split, (rows, notes) in sections.items():
+        table = []
+        for other, row in rows:
+            interval = f"{_signed(row['low'], 3)} to {_signed(row['high'], 3)}"
+            cells = [_eps_text(row["eps"], first.norm), other.name, _signed(row["difference"], 4), interval]
+            if classification:
+                cells += [str(row["only_first"]), str(row["only_other"])]
+            cells += [f"{row['p']:.3g}", f"{next(adjusted):.3g}"]
+            table.append("| " + " | ".join(cells) + " |")
         parts += ["", f"### {split}", ""]
         if table:
             parts += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *table]

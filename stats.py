@@ -1,7 +1,7 @@
 """Uncertainty of the sweep's numbers: 95 % intervals of one row (Wilson for accuracy, a
 bootstrap over images for Dice) and, for two runs on the same images, of their difference
 (Newcombe's paired interval and McNemar's mid-p test for accuracy, a paired bootstrap and a
-paired permutation test for Dice)."""
+paired permutation test for Dice), and Holm's adjustment of a family of such p-values."""
 from __future__ import annotations
 
 import math
@@ -197,3 +197,19 @@ def paired_difference_interval(both: int, only_first: int, only_second: int, nei
     above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     theta = p1 - p2
     return max(-1.0, theta - below), min(1.0, theta + above)
+
+
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their given order.
+
+    Rejecting every hypothesis whose adjusted p is at most alpha keeps the chance of any false
+    rejection in the family at most alpha, whatever the dependence between the tests (Holm,
+    Scandinavian Journal of Statistics 1979). The rows of one comparison are strongly dependent
+    (the same samples at nested budgets), which Holm allows for at the price of some power.
+    """
+    m, order = len(p_values), sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [math.nan] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

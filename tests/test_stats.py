@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from stats import (Z95, bootstrap_dice_interval, mcnemar_mid_p, paired_dice_difference_interval,
+from stats import (Z95, bootstrap_dice_interval, holm_adjusted, mcnemar_mid_p, paired_dice_difference_interval,
                    paired_dice_permutation_p, paired_difference_interval, wilson_interval)
 from utils import segmentation_metrics
 
@@ -223,3 +223,29 @@ def test_dice_permutation_p_of_identical_runs_is_1_and_of_a_gain_on_every_image_
     assert paired_dice_permutation_p(first, second) >= 1 / 1001, "counting the observed split, never 0"
     with pytest.raises(ValueError):
         paired_dice_permutation_p(first, second[:3])
+
+
+def test_holm_adjustment_hand_case():
+    # sorted 0.01, 0.02, 0.04, 0.30 times 4, 3, 2, 1: 0.04, 0.06, 0.08, 0.30, already monotone
+    assert holm_adjusted([0.04, 0.30, 0.01, 0.02]) == pytest.approx([0.08, 0.30, 0.04, 0.06])
+    # the running maximum: 0.01 * 3 = 0.03, then 0.012 * 2 = 0.024 is raised to 0.03; capped at 1
+    assert holm_adjusted([0.012, 0.01, 0.9]) == pytest.approx([0.03, 0.03, 0.9])
+    assert holm_adjusted([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm_adjusted([]) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_holm_adjusted_p_rejects_what_the_step_down_procedure_rejects(seed):
+    """Holm's procedure as he wrote it: test the sorted p-values against alpha/m, alpha/(m-1), ...
+    and stop at the first that fails. An adjusted p at most alpha must mark exactly that set."""
+    rng = np.random.default_rng(seed)
+    p = list(np.concatenate([rng.uniform(0, 0.02, 6), rng.uniform(0, 1, 10)]))
+    adjusted = holm_adjusted(p)
+    assert all(a >= q for a, q in zip(adjusted, p))
+    for alpha in (0.01, 0.05, 0.1, 0.2):
+        rejected = set()
+        for rank, i in enumerate(sorted(range(len(p)), key=lambda i: p[i])):
+            if p[i] > alpha / (len(p) - rank):
+                break
+            rejected.add(i)
+        assert {i for i, a in enumerate(adjusted) if a <= alpha} == rejected
