@@ -36,7 +36,7 @@ from torch import nn
 
 from attacks import PGDSpec, build_attack
 from dataset import stratified_subset
-from engine import Engine, forward, per_sample_noise, predict, predictions_under_attack
+from engine import Engine, forward, per_sample_noise, predict, predictions_under_attack, row_seed
 from splitdata import SplitSource, SubsetSplit
 from utils import compute_metrics, per_image_confusion, primary_metric, worst_case_choice
 
@@ -151,7 +151,7 @@ class _Subset:
         if self.classification:
             chosen = chosen & (self.clean_pred == self.labels)
         todo = torch.nonzero(chosen).flatten()
-        torch.manual_seed(s.seed)
+        torch.manual_seed(row_seed(s.seed, f"check{tag}/{self.split}", eps, name))  # library attacks' draws
         pred = self.clean_pred.clone()
         pred[todo] = predictions_under_attack(
             self.model, self.source, todo, atk, self.engine, classification=self.classification,

@@ -239,6 +239,39 @@ def test_converged_measures_what_more_effort_adds_to_the_sweeps_pgd(classifier, 
         assert check.status == "PASS" and check.value == 0
 
 
+class _FirstInputs(nn.Module):
+    """Records the input of every forward call while ``recording``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.inputs, self.recording = model, [], False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recording:
+            self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("kind", ["fast", "library"])
+def test_converged_restarts_start_from_different_points_on_either_engine(classifier, kind):
+    """Check d's random restarts are independent draws: the library's PGD draws its start from
+    torch's global generator, which must not be reset to one seed before every restart."""
+    images, labels = separable_images(n=16, seed=4)
+    model = _FirstInputs(classifier).eval()
+    settings = CheckSettings(task="classification", class_names=CLASS_NAMES, eps_list=EPS, steps=2, limit=16)
+    subset = _Subset(model, TensorSplit(images, labels), settings, Engine(kind=kind, batch_size=16, early_stop=False),
+                     "test", list(range(16)))
+    starts = []
+    for restart in range(2):
+        model.inputs, model.recording = [], True
+        subset.attacked_pred("pgd", 8 / 255, steps=2, random_start=True, tag=f"restart{restart}")
+        model.recording = False
+        starts.append(model.inputs[0])
+    assert starts[0].shape == starts[1].shape == images.shape
+    assert not torch.allclose(starts[0], starts[1])
+    assert (starts[0] - images).abs().max() <= 8 / 255 + 1e-6
+
+
 def test_single_step_check_carries_fgsms_successes_forward_as_the_table_does(classifier, monkeypatch):
     """FGSM fools samples 0-4 at 4/255 and 5-9 at 16/255 (a single step can overshoot); the
     sweep's PGD fools 0-4 at 4/255 and, at 16/255, only 10 and 11 besides. At 16/255 PGD (0.825)
