@@ -282,7 +282,7 @@ def paired_differences(first: Run, other: Run, split: str) -> list[dict]:
         if at is None:
             continue
         if first.task == "classification":
-            right_first, right_other = first_outcome > eps, other_outcome > eps
+            right_first, right_other = first_outcome > eps, other_outcome > eps_other[at]  # each its own eps
             table = [int(np.sum(a & b)) for a, b in ((right_first, right_other), (right_first, ~right_other),
                                                      (~right_first, right_other), (~right_first, ~right_other))]
             low, high = paired_difference_interval(*table)

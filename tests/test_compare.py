@@ -143,7 +143,7 @@ def test_runs_measured_alike_carry_no_note(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- paired differences
-def write_paired_run(folder, outcomes, digest="d1", task="classification"):
+def write_paired_run(folder, outcomes, digest="d1", task="classification", eps_8=8 / 255):
     """A finished run (one attack, eps 0 and 8/255 on test) with its per_sample.npz:
     ``outcomes`` are wrong_eps per sample (classification) or cms per eps (segmentation)."""
     key = "accuracy" if task == "classification" else "dice_mean"
@@ -155,7 +155,7 @@ def write_paired_run(folder, outcomes, digest="d1", task="classification"):
         writer.writerows({"split": "test", "attack": "pgd", "eps": eps / 255, "eps_255": eps, "n": n, key: 0.5}
                          for eps in (0, 8))
     (folder / "results.json").write_text(json.dumps({"config": {"split_digests": {"test": digest}}}))
-    arrays = {"test/eps": np.array([0, 8 / 255])}
+    arrays = {"test/eps": np.array([0, eps_8])}
     if task == "classification":
         arrays.update({"test/labels": np.zeros(n, dtype=np.int64), "test/pgd/wrong_eps": np.asarray(outcomes)})
     else:
@@ -190,6 +190,21 @@ def test_compare_gives_paired_differences_with_mcnemar_and_newcombe(tmp_path, ca
     assert "| 0/255 | pgd-at | +0.0000 |" in table and "| 0 | 0 | 1 | 1 |" in table
     assert "- split1: not paired, they were tested on other images" in table
     assert "- older: not paired, older has no readable per_sample.npz (a sweep writes it when it finishes" in table
+
+
+def test_paired_rows_count_each_run_at_its_own_eps(tmp_path):
+    """8/255 typed as a decimal differs from 8/255 in the last digits; the rows still pair, and
+    each run's samples are judged against its own eps, not the first run's."""
+    from compare import load_runs, paired_differences
+
+    first = [1] * 9 + [1] + [0] * 8 + [0] * 2
+    second = [1] * 9 + [0] + [1] * 8 + [0] * 2
+    decimal = 8 / 255 + 5e-10
+    base = write_paired_run(tmp_path / "fraction", _wrong_eps(first))
+    typed = write_paired_run(tmp_path / "decimal", np.where(np.asarray(second), np.inf, decimal), eps_8=decimal)
+    rows = paired_differences(*load_runs([str(base), str(typed)]), "test")
+    assert [(row["only_first"], row["only_other"]) for row in rows] == [(0, 0), (1, 8)]
+    assert rows[1]["difference"] == pytest.approx(0.35)
 
 
 def test_compare_pairs_segmentation_runs_by_a_bootstrap_over_images(tmp_path, capsys):
