@@ -174,6 +174,11 @@ def setting_differences(runs: Sequence[Run]) -> list[str]:
             lines.append(f"{key}: " + ", ".join(f"{run.name} {value}" for run, value in zip(known, values)))
     splits = dict.fromkeys(split for run in runs for split in run.splits)
     for split in splits:
+        if runs[0].task == "classification" and _swept_below_differs(runs, split):
+            lines.append(f"eps swept in {split} (more eps below a shared one is more attack: fooled samples stay "
+                         "fooled): " + ", ".join(
+                             f"{run.name} {' '.join(_eps_text(e, run.norm) for e in sorted(run.series(split)))}"
+                             for run in runs if run.series(split)))
         counts = [(run.name, run.samples.get(split)) for run in runs if run.samples.get(split) not in (None, "")]
         if len({count for _, count in counts}) > 1:
             lines.append(f"samples in {split}: " + ", ".join(f"{name} {count}" for name, count in counts))
@@ -182,6 +187,14 @@ def setting_differences(runs: Sequence[Run]) -> list[str]:
             lines.append(f"images in {split} (another --split-seed or data at training): "
                          + ", ".join(f"{name} {digest[:8]}" for name, digest in digests))
     return lines
+
+
+def _swept_below_differs(runs: Sequence[Run], split: str) -> bool:
+    """Whether, at some eps every run swept, the runs swept different eps at or below it."""
+    swept = [{round(e, 9) for e in run.series(split)} for run in runs if run.series(split)]
+    if len(swept) < 2:
+        return False
+    return any(len({frozenset(e for e in eps if e <= shared) for eps in swept}) > 1 for shared in set.intersection(*swept))
 
 
 def _eps_text(eps: float, norm: str) -> str:

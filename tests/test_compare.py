@@ -13,13 +13,13 @@ from test_cli_errors import _assert_one_error_line, _run
 FIELDS = ["split", "attack", "eps", "eps_255", "n", "accuracy", "dice_mean"]
 
 
-def write_run(folder, key, values, attacks=("pgd",)):
+def write_run(folder, key, values, attacks=("pgd",), eps_255=(0, 4, 8)):
     folder.mkdir(parents=True)
     with open(folder / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["split", "attack", "eps", "eps_255", "n", key])
         writer.writeheader()
         for split in ("val", "test"):
-            for i, eps in enumerate((0, 4, 8)):
+            for i, eps in enumerate(eps_255):
                 for j, attack in enumerate(attacks):
                     writer.writerow({"split": split, "attack": attack, "eps": eps / 255, "eps_255": eps, "n": 10,
                                      key: values[i] - 0.01 * j})
@@ -111,6 +111,25 @@ def test_runs_measured_differently_are_named_not_like_for_like(tmp_path, capsys)
     assert "- samples in val: a 10, b 9" in table and "- samples in test: a 10, b 9" in table
     assert "alpha" not in table and "data:" not in table, "settings that agree are not listed"
     assert any(line.startswith("note: the runs are not like for like (attacks: a") for line in printed), printed
+
+
+def test_classification_runs_with_other_eps_below_a_shared_eps_are_not_like_for_like(tmp_path, capsys):
+    """A classification row keeps the samples fooled at every smaller swept eps: with 2/255 swept
+    too, the 4/255 and 8/255 rows had more attack. Another eps only above the shared ones is fine."""
+    a = write_run(tmp_path / "a", "accuracy", [0.95, 0.40, 0.10])
+    finer = write_run(tmp_path / "finer", "accuracy", [0.95, 0.60, 0.35, 0.10], eps_255=(0, 2, 4, 8))
+    longer = write_run(tmp_path / "longer", "accuracy", [0.95, 0.40, 0.10, 0.0], eps_255=(0, 4, 8, 16))
+    seg = [write_run(tmp_path / name, "dice_mean", values, eps_255=eps) for name, values, eps in
+           (("s", [0.9, 0.8, 0.7], (0, 4, 8)), ("s-finer", [0.9, 0.85, 0.8, 0.7], (0, 2, 4, 8)))]
+    tables = {}
+    for name, runs in (("finer", [a, finer]), ("longer", [a, longer]), ("seg", seg)):
+        assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(
+            ["--compare", *map(str, runs), "--out", str(tmp_path / name)]))
+        tables[name] = (tmp_path / name / "compare.md").read_text()
+    assert "- eps swept in test (more eps below a shared one is more attack" in tables["finer"]
+    assert "a 0/255 4/255 8/255, finer 0/255 2/255 4/255 8/255" in tables["finer"]
+    assert "eps swept" not in tables["longer"], "16/255 only above the shared eps changes no shared row"
+    assert "eps swept" not in tables["seg"], "segmentation attacks every image afresh at every eps"
 
 
 def test_runs_tested_on_other_images_are_not_like_for_like(tmp_path, capsys):
