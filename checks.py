@@ -233,6 +233,10 @@ def check_single_step(subset: _Subset, eps_values: Sequence[float], pgd: _PGDRes
     """PGD against FGSM at each eps. Classification compares worst cases over the budgets up to
     each eps on both sides: the sweep's PGD carries a sample fooled at a smaller eps forward, so
     FGSM must too, or a PGD that misses what FGSM finds at one eps could pass on the next."""
+    if not eps_values:
+        return Check("c", "iterative beats single-step", "SKIP", None,
+                     f"no swept eps in (0, {CHECK_EPS_MAX * 255:.3g}/255], where PGD-{subset.settings.steps} must "
+                     "beat FGSM; add one to --eps-list to run this check")
     gaps, pgd_right, fgsm_right = {}, None, None
     for eps in sorted(eps_values):
         fgsm = subset.attacked_pred("fgsm", eps)
@@ -243,7 +247,7 @@ def check_single_step(subset: _Subset, eps_values: Sequence[float], pgd: _PGDRes
         pgd_right = pgd_now if pgd_right is None else pgd_right & pgd_now
         fgsm_right = fgsm_now if fgsm_right is None else fgsm_right & fgsm_now
         gaps[eps] = (pgd_right.double().mean() - fgsm_right.double().mean()).item()
-    eps, gap = max(gaps.items(), key=lambda item: item[1]) if gaps else (0.0, 0.0)
+    eps, gap = max(gaps.items(), key=lambda item: item[1])
     each = ", each the worst case over the swept eps up to it," if subset.classification else ""
     return Check("c", "iterative beats single-step", _verdict(gap <= 0.005), gap,
                  f"largest PGD - FGSM over eps <= 16/255{each} (at {eps * 255:.3g}/255); must be <= 0.005")

@@ -272,6 +272,15 @@ def test_converged_restarts_start_from_different_points_on_either_engine(classif
     assert (starts[0] - images).abs().max() <= 8 / 255 + 1e-6
 
 
+def test_single_step_check_skips_when_no_swept_eps_is_small_enough(classifier):
+    """FGSM is compared with PGD only up to 16/255; a sweep of 32/255 alone has nothing to compare,
+    which must read SKIP, not a PASS at a gap of 0."""
+    images, labels = separable_images(n=40, seed=4)
+    checks = checklist(classifier, images, labels, eps_list=[0.0, 32 / 255])
+    assert checks["c"]["status"] == "SKIP" and checks["c"]["value"] is None
+    assert "add one to --eps-list" in checks["c"]["detail"]
+
+
 def test_single_step_check_carries_fgsms_successes_forward_as_the_table_does(classifier, monkeypatch):
     """FGSM fools samples 0-4 at 4/255 and 5-9 at 16/255 (a single step can overshoot); the
     sweep's PGD fools 0-4 at 4/255 and, at 16/255, only 10 and 11 besides. At 16/255 PGD (0.825)
