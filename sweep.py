@@ -9,8 +9,8 @@ counts the outcome:
   apart from the target success (a sample keeps being attacked until it hits the target);
 * segmentation attacks every image at every eps (robustness is per pixel);
 * several attacks add a ``worst`` row: a classification sample is robust only if it survives
-  every attack; a segmentation image keeps the attack with its lowest per-image mean Dice
-  and the metrics are recomputed from those images;
+  every attack; a segmentation image keeps the attack chosen to lower the split's pooled mean
+  Dice (``utils.worst_case_choice``) and the metrics are recomputed from those images;
 * a minimum-norm attack (CW) runs once; a sample counts as fooled at eps only if its
   perturbation norm is <= eps.
 
