@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+import torchattacks
 from torch import nn
 from attacks import ATTACKS, build_attack
 from engine import Engine, perturbation_norms
@@ -185,6 +186,20 @@ def test_every_attack_runs_one_batch_on_a_classifier(name, classifier_and_data):
     assert adv.min() >= 0 and adv.max() <= 1
     if ATTACKS[name].eps_bounded:
         assert perturbation_norms(adv - images[:6], ATTACKS[name].norm).max() <= eps + 1e-6
+
+
+def test_autoattack_has_the_standard_versions_settings(classifier_and_data):
+    """Croce and Hein's standard AutoAttack: APGD-CE, APGD-T and FAB-T at 100 iterations, then
+    Square at 5000 queries; torchattacks' own AutoAttack leaves the first three at 10."""
+    model, _, _ = classifier_and_data
+    atk = build_attack("autoattack", model, 8 / 255, steps=3, alpha=1 / 255, num_classes=NUM_CLASSES, seed=7)
+    apgd, apgdt, fab, square = atk.attacks
+    assert [type(a) for a in atk.attacks] == [torchattacks.APGD, torchattacks.APGDT, torchattacks.FAB,
+                                              torchattacks.Square]
+    assert apgd.loss == "ce" and apgd.steps == apgdt.steps == fab.steps == 100, "--steps must not shorten it"
+    assert apgdt.n_target_classes == fab.n_target_classes == NUM_CLASSES - 1 and fab.multi_targeted
+    assert square.n_queries == 5000
+    assert all(a.eps == 8 / 255 and a.norm == "Linf" and a.seed == 7 and a.n_restarts == 1 for a in atk.attacks)
 
 
 @pytest.mark.parametrize("name", [n for n, info in ATTACKS.items() if info.targeted and info.classification])
