@@ -99,8 +99,11 @@ def test_early_stop_is_never_weaker_than_the_library(attack, classifier):
     model, images, labels = classifier
     source = TensorSplit(images, labels)
     eps_list = [0.0, 0.5, 1.0, 2.0, 4.0] if attack == "pgdl2" else EPS
-    fast = sweep_rows(model, source, Engine(batch_size=16), attack=attack, eps_list=eps_list)
-    library = sweep_rows(model, source, Engine(kind="library", batch_size=16), attack=attack, eps_list=eps_list)
+    # without random start both follow the same iterates until a sample stops (with it, the two
+    # draw their starts differently and agree only in distribution)
+    fast = sweep_rows(model, source, Engine(batch_size=16), attack=attack, eps_list=eps_list, random_start=False)
+    library = sweep_rows(model, source, Engine(kind="library", batch_size=16), attack=attack, eps_list=eps_list,
+                         random_start=False)
     for mine, theirs in zip(fast, library):
         assert mine["accuracy"] <= theirs["accuracy"] + 1e-12, (mine["eps"], mine["accuracy"], theirs["accuracy"])
     assert fast[-1]["accuracy"] < fast[0]["accuracy"]
