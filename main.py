@@ -249,7 +249,11 @@ def seeded_per_sample(args: argparse.Namespace, model: nn.Module, num_classes: i
 
 def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, engine: Engine,
                  per_sample: dict[str, bool]) -> dict:
-    """Everything that decides the numbers (compared on --resume) plus provenance."""
+    """Everything that decides the numbers (compared on --resume) plus provenance.
+
+    ``attack_precision`` is what each attack really ran in: autocast applies to the fast
+    engine's PGD family only, and an attack without a fast path runs its library object in fp32."""
+    precision = str(engine.autocast or torch.float32).replace("torch.", "")
     return {
         "task": args.task, "attack": args.attack, "attacks": list(args.attacks), "norm": args.norm,
         "steps": args.steps, "alpha": args.alpha if args.alpha is not None else "2.5*eps/steps",
@@ -259,7 +263,8 @@ def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, engine:
         "checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt_sha,
         "class_names": list(ckpt["class_names"]), "splits": list(dict.fromkeys(args.splits)),
         "eps_list": args.eps_values, "device": engine.device.type, "batch_size": args.batch_size,
-        "engine": engine.kind, "precision": str(engine.autocast or torch.float32).replace("torch.", ""),
+        "engine": engine.kind, "precision": precision,
+        "attack_precision": {name: precision if fast else "float32" for name, fast in per_sample.items()},
         "memory_format": args.memory_format, "early_stop": engine.early_stop,
         "fold_batchnorm": engine.kind == "fast" and engine.fold_batchnorm,
         "per_sample_seeding": per_sample, "numbers_depend_on_batch_size": not all(per_sample.values()),

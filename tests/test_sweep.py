@@ -12,7 +12,7 @@ import torchattacks
 from attacks import build_attack
 from conftest import write_tiny_checkpoint
 from engine import Engine
-from main import get_args_parser
+from main import get_args_parser, sweep_config
 from main import main as run_main
 from report import Report
 from splitdata import TensorSplit
@@ -396,3 +396,16 @@ def test_a_new_sweeps_first_row_removes_the_per_sample_outcomes_of_an_earlier_on
     assert (tmp_path / "per_sample.npz").exists(), "nothing is removed before a row is written"
     report.add_row({"split": "test", "attack": "pgd", "eps": 0.0, "n": 2, "accuracy": 0.5, "seconds": 0.0})
     assert (tmp_path / "results.csv").exists() and not (tmp_path / "per_sample.npz").exists()
+
+
+def test_results_record_the_precision_each_attack_really_ran_in():
+    """Autocast applies to the fast engine's PGD family; an attack without a fast path (APGD)
+    runs its library object in fp32, which results.json must say rather than the flag's bf16."""
+    args = get_args_parser().parse_args(["--attack", "pgd,apgd"])
+    args.attacks, args.eps_values, args.norm = ["pgd", "apgd"], [0.0], "Linf"
+    engine = Engine(autocast=torch.bfloat16)
+    config = sweep_config(args, {"class_names": ["a", "b"]}, "sha", engine, {"pgd": True, "apgd": False})
+    assert config["precision"] == "bfloat16"
+    assert config["attack_precision"] == {"pgd": "bfloat16", "apgd": "float32"}
+    config = sweep_config(args, {"class_names": ["a", "b"]}, "sha", Engine(), {"pgd": True, "apgd": False})
+    assert config["attack_precision"] == {"pgd": "float32", "apgd": "float32"}
