@@ -80,6 +80,10 @@ class DatasetSplit(SplitSource):
         self.labels = list(dataset.labels)
 
     def batch(self, index, device, memory_format=torch.contiguous_format):
+        if len(index) == 0:  # no examples to show, say: a DataLoader refuses a batch of none
+            image, target = self.dataset[0]
+            images, targets = image.new_empty((0, *image.shape)), torch.empty((0, *torch.as_tensor(target).shape))
+            return images.to(device), targets.to(device).long()
         loader = DataLoader(Subset(self.dataset, index.tolist()), batch_size=len(index), num_workers=self.workers)
         images, targets = next(iter(loader))
         return (images.to(device).contiguous(memory_format=memory_format),

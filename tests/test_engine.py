@@ -294,6 +294,9 @@ def test_an_in_memory_split_returns_exactly_what_the_dataset_returns(task, tiny_
     streamed, note = load_split(dataset, task=task, image_size=24, max_bytes=100)
     assert isinstance(streamed, DatasetSplit) and "exceeds --max-memory" in note
     assert all(torch.equal(a, b) for a, b in zip(streamed.batch(index, torch.device("cpu")), (images, targets)))
+    none = torch.tensor([], dtype=torch.long)  # e.g. no example to show: both kinds give empty batches alike
+    for got, expected in zip(streamed.batch(none, torch.device("cpu")), source.batch(none, torch.device("cpu"))):
+        assert got.shape == expected.shape and got.dtype == expected.dtype and len(got) == 0
 
 
 def test_the_grey_levels_used_off_the_cpu_are_the_datasets_own_floats():

@@ -107,3 +107,19 @@ def test_a_task_flag_that_contradicts_the_checkpoint_is_one_line_error(tmp_path,
                                  "--device", "cpu"], capsys)
     assert rc == 1
     _assert_one_error_line(lines, "is a segmentation model but --task is classification", "--task segmentation")
+
+
+def test_a_streamed_split_with_no_example_to_show_sweeps(tmp_path, capsys, make_classification_data):
+    """A split over --max-memory is read from disk; with --examples 0 (or no clean-correct sample)
+    it is asked for a batch of no samples, which must not reach DataLoader's batch_size=0 error."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "cls.pt", "classification", make_classification_data())
+    rows = {}
+    for name, extra in (("streamed", ["--max-memory", "0"]), ("in-memory", [])):
+        out = tmp_path / name
+        rc, lines = _run(sweep_cli, ["--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+                                     "--eps-list", "0", "8/255", "--steps", "2", "--examples", "0", "--splits", "test",
+                                     "--no-checks", *extra], capsys)
+        assert rc == 0, lines
+        rows[name] = [{k: v for k, v in row.items() if k != "seconds"}
+                      for row in json.loads((out / "results.json").read_text())["rows"]]
+    assert rows["streamed"] == rows["in-memory"] and len(rows["streamed"]) == 2
