@@ -21,7 +21,10 @@ from files import atomic_path
 from utils import CheckpointError, ToolError, primary_metric
 
 #: Flags that change a run's numbers: --resume refuses to continue a run with any of them changed.
-RESUME_FLAGS = ("opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights", "label_smoothing",
+#: --workers among them: each DataLoader worker augments from its own seed, so the same epoch
+#: augments differently with another number of workers. --epochs may change (see schedule_note).
+RESUME_FLAGS = ("workers", "opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights",
+                "label_smoothing",
                 "dice_weight", "seed", "split_seed", "data", "val_data", "test_data", "limit", "skip_missing_masks",
                 "amp", "sync_bn", "adv", "adv_eps", "adv_steps", "adv_alpha", "adv_warmup_epochs", "trades_beta",
                 "adv_attack", "adv_val_limit")
@@ -82,7 +85,21 @@ def load_resume(args: argparse.Namespace, ckpt_dir: Path, main_process: bool = T
                                   f"{given}; drop --{name} to resume (the checkpoint's is used)")
     if main_process:
         restore_best(ckpt_dir, ckpt)
+        note = schedule_note(recorded.get("epochs"), args.epochs)
+        if note:
+            print(note)
     return ckpt
+
+
+def schedule_note(was: int | None, now: int) -> str | None:
+    """Resuming with another --epochs is allowed (to train a finished run longer), but the
+    warm-up and cosine decay are laid over the new number of epochs from the step reached, so
+    the learning rate jumps and the run matches no uninterrupted one: say so."""
+    if was is None or was == now:
+        return None
+    return (f"note: this run was started with --epochs {was}; resuming with --epochs {now} lays the learning-rate "
+            f"schedule over {now} epochs from here, so the rate jumps and the result matches no uninterrupted run "
+            f"(resume with --epochs {was} for an exact one)")
 
 
 def check_world_size(path: Path, recorded: int, current: int) -> None:

@@ -20,6 +20,7 @@ import raabin
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from stats import wilson_interval
+from utils import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,13 +61,52 @@ def test_one_epoch_smoke_run_writes_everything(tmp_path, tiny_synthetic_root, ta
     assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(ckpt["mean"]))
 
 
-def test_resume_continues_at_the_next_epoch(tmp_path, tiny_synthetic_root):
+def _stopped_after_one_of_two_epochs(out, root, monkeypatch):
+    """A two-epoch run interrupted (Ctrl-C) when its second epoch starts."""
+    real, calls = train.train_one_epoch, []
+
+    def interrupt_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train_one_epoch", interrupt_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(_args(out, root, "classification", "--epochs", "2"))
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_resume_continues_at_the_next_epoch(tmp_path, tiny_synthetic_root, monkeypatch):
     out = tmp_path / "run"
-    train.main(_args(out, tiny_synthetic_root, "classification", "--epochs", "1"))
+    _stopped_after_one_of_two_epochs(out, tiny_synthetic_root, monkeypatch)
     train.main(_args(out, tiny_synthetic_root, "classification", "--epochs", "2", "--resume"))
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_resume_refuses_another_number_of_workers(tmp_path, tiny_synthetic_root, monkeypatch):
+    """Each DataLoader worker augments from its own seed: with another number of them the resumed
+    run matches neither the old run nor a fresh one."""
+    out = tmp_path / "run"
+    _stopped_after_one_of_two_epochs(out, tiny_synthetic_root, monkeypatch)
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="was trained with --workers 0 but this run has --workers 1"):
+        train.main(_args(out, tiny_synthetic_root, "classification", "--epochs", "2", "--resume", "--workers", "1"))
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_with_more_epochs_says_the_schedule_is_not_the_original(tmp_path, tiny_synthetic_root, capsys):
+    out = tmp_path / "run"
+    train.main(_args(out, tiny_synthetic_root, "classification", "--epochs", "1"))
+    capsys.readouterr()
+    train.main(_args(out, tiny_synthetic_root, "classification", "--epochs", "2", "--resume"))
+    printed = capsys.readouterr().out
+    assert "note: this run was started with --epochs 1; resuming with --epochs 2" in printed
+    train.main(_args(out, tiny_synthetic_root, "classification", "--epochs", "2", "--resume"))
+    assert "note: this run was started" not in capsys.readouterr().out, "the same --epochs: no note"
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_synthetic_root):
@@ -88,7 +128,7 @@ def test_help(script):
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, tiny_synthetic_root,
                                                                          monkeypatch):
     out = tmp_path / "run"
-    train.main(_args(out, tiny_synthetic_root, "classification"))
+    _stopped_after_one_of_two_epochs(out, tiny_synthetic_root, monkeypatch)
     before = (out / "checkpoints" / "last.pt").read_bytes()
     real_loss = torch.nn.CrossEntropyLoss.forward
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward",
