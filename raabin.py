@@ -8,6 +8,7 @@ the path, the problem and the fix.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,27 +104,51 @@ def _child_dir(parent: Path, name: str) -> Path | None:
     exact = parent / name
     if exact.is_dir():
         return exact
-    matches = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.lower() == name.lower())
+    matches = sorted(p for p in _entries(parent, Path.is_dir) if p.name.lower() == name.lower())
     return matches[0] if matches else None
+
+
+def _entries(folder: Path, keep: Callable[[Path], bool]) -> list[Path]:
+    """The entries of ``folder`` that ``keep`` accepts; an unreadable folder is a DataError naming it."""
+    try:
+        return [path for path in folder.iterdir() if keep(path)]
+    except OSError as err:
+        raise _unreadable(folder, err) from err
+
+
+def _unreadable(folder: Path, err: OSError) -> DataError:
+    return DataError(f"cannot read {folder} ({err.strerror or err}); make it readable or point --data elsewhere")
 
 
 def _class_dirs(root: Path) -> list[tuple[Path, int]]:
     """Sub-folders of ``root`` named like a class (any case), with the class id, sorted."""
     ids = {name.lower(): i for i, name in enumerate(CLASS_NAMES)}
-    found = [(p, ids[p.name.lower()]) for p in root.iterdir() if p.is_dir() and p.name.lower() in ids]
+    found = [(p, ids[p.name.lower()]) for p in _entries(root, Path.is_dir) if p.name.lower() in ids]
     return sorted(found, key=lambda item: item[0].name)
 
 
+def _holds_class_dirs(folder: Path) -> bool:
+    """Whether ``folder`` has class folders; an unreadable one has none (for hints only)."""
+    try:
+        return bool(_class_dirs(folder))
+    except DataError:
+        return False
+
+
 def _check_folder(root: Path, what: str) -> None:
-    if not root.exists():
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except OSError as err:  # a parent folder that cannot be entered
+        raise _unreadable(root, err) from err
+    if not exists:
         raise DataError(f"{what} {root} does not exist; check the path given to --data")
-    if not root.is_dir():
+    if not is_dir:
         raise DataError(f"{what} {root} is not a folder; point --data at a Raabin-WBC folder")
 
 
 def _no_class_folders_error(root: Path) -> DataError:
     expected = ", ".join(f"{name}/" for name in CLASS_NAMES)
-    nested = [p.name for p in sorted(root.iterdir()) if p.is_dir() and _class_dirs(p)]
+    nested = [p.name for p in sorted(_entries(root, Path.is_dir)) if _holds_class_dirs(p)]
     hint = (f"point --data at {root / nested[0]}" if nested
             else "point --data at Train/ (or TestA/, TestB/) of the Raabin-WBC release")
     return DataError(f"no class folders in {root}: expected some of {expected} or GrTh/Original/; {hint}")
@@ -131,7 +156,7 @@ def _no_class_folders_error(root: Path) -> DataError:
 
 def _images_in_class_dirs(root: Path) -> list[tuple[Path, int]]:
     samples = [(path, label) for folder, label in _class_dirs(root)
-               for path in folder.iterdir() if is_image_file(path)]
+               for path in _entries(folder, is_image_file)]
     return sorted(samples, key=lambda item: item[0].as_posix())
 
 

@@ -1,6 +1,9 @@
 """Every bad-data case raises DataError with one line that names the path and the fix."""
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -53,6 +56,38 @@ def test_class_folders_without_images(tmp_path):
     (tmp_path / "Neutrophil").mkdir()
     (tmp_path / "Neutrophil" / "readme.txt").write_text("no images here")
     with pytest.raises(DataError, match="no images") as err:
+        raabin.find_classification_samples(tmp_path)
+    assert str(tmp_path) in _one_line(err)
+
+
+def _refuse_listing(monkeypatch, folder: Path) -> None:
+    """``folder`` cannot be listed, as after ``chmod 000`` (which does not stop root, so it is simulated)."""
+    iterdir = Path.iterdir
+
+    def refuse(self):
+        if self == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+
+
+@pytest.mark.parametrize("task,folder", [("classification", "."), ("classification", "Basophil"),
+                                         ("segmentation", "GrTh/Original"),
+                                         ("segmentation", "GrTh/Ground Truth/Monocyte")])
+def test_unreadable_folder_names_it_and_the_fix(request, monkeypatch, task, folder):
+    root = request.getfixturevalue(f"{task}_root")
+    _refuse_listing(monkeypatch, root / folder)
+    with pytest.raises(DataError) as err:
+        raabin.find_samples(task, root)
+    message = _one_line(err)
+    assert f"cannot read {root / folder} (Permission denied)" in message and "point --data elsewhere" in message
+
+
+def test_unreadable_subfolder_does_not_hide_the_missing_class_folders(tmp_path, monkeypatch):
+    (tmp_path / "lost+found").mkdir()
+    _refuse_listing(monkeypatch, tmp_path / "lost+found")
+    with pytest.raises(DataError, match="no class folders") as err:
         raabin.find_classification_samples(tmp_path)
     assert str(tmp_path) in _one_line(err)
 
