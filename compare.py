@@ -75,15 +75,45 @@ def _read_config(path: Path) -> dict:
 
 
 def _read_per_sample(path: Path) -> dict[str, np.ndarray] | None:
-    """The arrays of a run's ``per_sample.npz``; None when it has none or it cannot be read
-    (the comparison is then drawn without the paired tests)."""
+    """The arrays of a run's ``per_sample.npz``; None when it has none, it cannot be read or its
+    arrays are malformed (the comparison is then drawn without the paired tests)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+            arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
+    sound = all(_array_is_sound(key, value) for key, value in arrays.items()) and _lengths_agree(arrays)
+    return arrays if sound else None
+
+
+# The rank and kind of every ``<split>/...`` array a paired comparison reads, by its last name part.
+_PER_SAMPLE_ARRAYS = {"eps": (1, np.floating), "wrong_eps": (1, np.floating), "labels": (1, np.integer),
+                      "cms": (4, np.integer)}
+
+
+def _array_is_sound(key: str, value: np.ndarray) -> bool:
+    """Whether ``value`` has the rank and kind its name asks for (other arrays are not read)."""
+    field = key.rsplit("/", 1)[-1]
+    if field not in _PER_SAMPLE_ARRAYS:
+        return True
+    ndim, kind = _PER_SAMPLE_ARRAYS[field]
+    if value.ndim != ndim or not np.issubdtype(value.dtype, kind):
+        return False
+    return field != "cms" or value.shape[2] == value.shape[3]  # eps x images x true x pred
+
+
+def _lengths_agree(arrays: dict[str, np.ndarray]) -> bool:
+    """Whether each split's cms have one entry per eps and its wrong_eps one per label."""
+    for key, value in arrays.items():
+        split, field = key.split("/", 1)[0], key.rsplit("/", 1)[-1]
+        eps, labels = arrays.get(f"{split}/eps"), arrays.get(f"{split}/labels")
+        if field == "cms" and eps is not None and len(eps) != value.shape[0]:
+            return False
+        if field == "wrong_eps" and labels is not None and len(labels) != len(value):
+            return False
+    return True
 
 
 # What decides how strong an attack was or what it was measured on; a difference in any of

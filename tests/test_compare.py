@@ -246,6 +246,28 @@ def test_compare_pairs_segmentation_runs_by_a_bootstrap_over_images(tmp_path, ca
     assert "- c: not paired, a has 6 test samples and c 4 (another --limit?)" in table
 
 
+@pytest.mark.parametrize("task,key,bad", [
+    ("classification", "test/eps", np.array(8 / 255)),
+    ("classification", "test/pgd/wrong_eps", np.array(["inf"] * 20)),
+    ("classification", "test/labels", np.zeros(20)),
+    ("classification", "test/labels", np.zeros(21, dtype=np.int64)),
+    ("segmentation", "test/pgd/cms", np.zeros((2, 6, 3), dtype=np.int64)),
+    ("segmentation", "test/pgd/cms", np.zeros((2, 6, 3, 3))),
+    ("segmentation", "test/pgd/cms", np.zeros((3, 6, 3, 3), dtype=np.int64)),
+], ids=["0-d eps", "text wrong_eps", "float labels", "a label too many", "3-d cms", "float cms", "cms of 3 eps"])
+def test_a_run_with_malformed_per_sample_arrays_is_not_paired(tmp_path, capsys, task, key, bad):
+    outcomes = _wrong_eps([1] * 10 + [0] * 10) if task == "classification" else np.ones((2, 6, 3, 3), np.int64)
+    good = write_paired_run(tmp_path / "good", outcomes, task=task)
+    broken = write_paired_run(tmp_path / "broken", outcomes, task=task)
+    with np.load(broken / "per_sample.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    np.savez(broken / "per_sample.npz", **{**arrays, key: bad})
+    out = tmp_path / "cmp"
+    rc, lines = _run(sweep_cli, ["--compare", str(good), str(broken), "--out", str(out)], capsys)
+    assert rc == 0, lines
+    assert "- broken: not paired, broken has no readable per_sample.npz" in (out / "compare.md").read_text()
+
+
 def test_paired_differences_of_two_real_sweeps_match_their_tables(tmp_path, capsys, make_classification_data):
     from conftest import write_tiny_checkpoint
 
