@@ -5,6 +5,7 @@ arbitrary Python objects (and so could run code) is refused, never executed.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -68,6 +69,8 @@ def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, depth: 
                     class_names: Sequence[str] | None = None, image_size: int | None = None) -> dict:
     """Load and validate a checkpoint; any problem is a one-line :class:`CheckpointError`."""
     path = Path(path)
+    if path.is_dir():
+        raise _unreadable(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path)))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; train one with train.py or pass --checkpoint")
     ckpt = _torch_load(path)
@@ -100,11 +103,26 @@ def _torch_load(path: Path) -> Any:
                                   "and re-save them as plain tensors") from err
         raise CheckpointError(f"checkpoint {path} is corrupt (not a PyTorch checkpoint); "
                               "re-create it or use another --checkpoint") from err
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+    except OSError as err:
+        raise (_corrupt(path, err) if err.errno is None else _unreadable(path, err)) from err
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, UnicodeDecodeError) as err:
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); "
-                              "re-create it or use another --checkpoint") from err
+        raise _corrupt(path, err) from err
+
+
+def _unreadable(path: Path, err: OSError) -> CheckpointError:
+    """The file itself cannot be opened or read (permissions, a folder, a failing disk)."""
+    fix = ("make it readable" if isinstance(err, PermissionError) else
+           "pass the checkpoint file inside it" if isinstance(err, IsADirectoryError) else "check the file")
+    return CheckpointError(f"cannot read checkpoint {path} ({err.strerror or err}); {fix} "
+                           "or use another --checkpoint")
+
+
+def _corrupt(path: Path, err: Exception) -> CheckpointError:
+    """The bytes are there but are not a whole PyTorch checkpoint."""
+    reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); "
+                           "re-create it or use another --checkpoint")
 
 
 def _starts_like_torch_file(path: Path) -> bool:
@@ -248,8 +266,35 @@ def load_weights(model: nn.Module, ckpt: Mapping) -> None:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
+        detail = _weights_mismatch(model.state_dict(), ckpt["model"]) or _details(err)
         raise CheckpointError(f"checkpoint weights do not fit a {ckpt['task']} model of depth {ckpt['depth']} "
-                              f"({str(err).splitlines()[0][:120]}); re-create the checkpoint") from err
+                              f"({detail}); re-create the checkpoint") from err
+
+
+def _weights_mismatch(own: Mapping[str, torch.Tensor], weights: Mapping[str, Any]) -> str:
+    """The keys ``weights`` lacks, the keys it has in excess and the tensors of another shape."""
+    resized = [f"{key} (checkpoint {_shape(weights[key])}, model {_shape(value)})" for key, value in own.items()
+               if key in weights and _shape(weights[key]) != _shape(value)]
+    found = {"missing keys": [key for key in own if key not in weights],
+             "unexpected keys": [key for key in weights if key not in own], "size mismatch": resized}
+    return "; ".join(f"{what}: {_first_few(items)}" for what, items in found.items() if items)
+
+
+def _shape(value: Any) -> str:
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    return "x".join(map(str, value.shape)) or "scalar"
+
+
+def _first_few(items: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _details(err: Exception) -> str:
+    """torch's message on one line, without its "Error(s) in loading state_dict for X:" heading."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines[1:] or lines)[:300] or type(err).__name__
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -63,6 +63,44 @@ def test_garbage_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
+def test_unreadable_checkpoint_is_not_called_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    _save(path)
+
+    def refuse(f, *args, **kwargs):  # as after chmod 000, which does not stop root
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(f))
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert f"cannot read checkpoint {path} (Permission denied); make it readable" in message
+    assert "corrupt" not in message and "\n" not in message
+
+
+def test_checkpoint_that_is_a_folder_is_named_as_one(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(folder)
+    assert f"cannot read checkpoint {folder} (Is a directory); pass the checkpoint file inside it" in str(err.value)
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    path = tmp_path / "c.pt"
+    _save(path)
+    ckpt = load_checkpoint(path)
+    del ckpt["model"]["net.conv1.weight"]
+    ckpt["model"]["net.extra.weight"] = torch.zeros(1)
+    ckpt["class_names"] = CLASSES[:3]  # a 3-class head for the 5-class weights
+    with pytest.raises(CheckpointError) as err:
+        model_from_checkpoint(ckpt)
+    message = str(err.value)
+    assert "\n" not in message and "re-create the checkpoint" in message
+    assert ("missing keys: net.conv1.weight; unexpected keys: net.extra.weight; size mismatch: "
+            "net.fc.weight (checkpoint 5x512, model 3x512), net.fc.bias (checkpoint 5, model 3)") in message
+
+
 def test_foreign_checkpoint_is_refused(tmp_path):
     path = tmp_path / "c.pt"
     torch.save({"state_dict": {}}, path)
