@@ -102,6 +102,15 @@ def previous_rows(out: Path, config: dict) -> list[dict]:
     return rows
 
 
+def _row_span(rows: Sequence[dict], norm: str) -> str:
+    """The splits and eps of ``rows``, e.g. "val at 0, 8/255; test at 16/255"."""
+    by_split: dict[str, list[float]] = {}
+    for row in rows:
+        by_split.setdefault(row["split"], []).append(float(row["eps"]))
+    text = (lambda e: f"{e * 255:.4g}/255" if e and norm == "Linf" else f"{e:.4g}")
+    return "; ".join(f"{split} at {', '.join(text(e) for e in sorted(set(eps)))}" for split, eps in by_split.items())
+
+
 class Report:
     """Collects rows (keyed by split, eps and attack) and writes every output file of a sweep."""
 
@@ -115,17 +124,26 @@ class Report:
         self.per_sample: dict[str, np.ndarray] = {}
         self.checks: list[dict] | None = None
         self.rows: dict[tuple[str, float, str], dict] = {}
+        dropped = []
         for row in previous_rows(self.out, self.config) if resume else []:
-            self._keep(row)
+            if not self._keep(row):
+                dropped.append(row)
+        if dropped:
+            raise ToolError(f"--resume would drop finished rows in {self.out} that this run does not ask for "
+                            f"({_row_span(dropped, self.norm)}); give their --splits and --eps-list again (the "
+                            "eps list may grow), or use another --out")
 
     @property
     def norm(self) -> str:
         return self.config.get("norm", "Linf")
 
-    def _keep(self, row: dict) -> None:
+    def _keep(self, row: dict) -> bool:
+        """Hold ``row`` if this sweep asks for its split, eps and attack; whether it was held."""
         key = (row["split"], float(row["eps"]), row.get("attack"))
         if key[0] in self.splits and key[1] in self.eps_list and key[2] in self.attacks:
             self.rows[key] = row
+            return True
+        return False
 
     def sorted_rows(self) -> list[dict]:
         split_order = {name: i for i, name in enumerate(self.splits)}

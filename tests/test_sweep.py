@@ -247,6 +247,22 @@ def test_main_end_to_end_and_resume_checks(tmp_path, checkpoint_file):
         run_main(cli(*base, "--task", "segmentation"))
 
 
+def test_resume_refuses_to_drop_finished_rows_it_is_not_asked_for(tmp_path, checkpoint_file):
+    out = tmp_path / "out"
+    base = ["--checkpoint", checkpoint_file, "--out", out, "--device", "cpu", "--limit", "4", "--steps", "2",
+            "--examples", "0", "--batch-size", "4", "--no-checks"]
+    run_main(cli(*base, "--eps-list", "0", "8/255"))
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(ToolError, match=r"would drop finished rows .*\(val at 0, 8/255\); give their --splits"):
+        run_main(cli(*base, "--eps-list", "0", "8/255", "--splits", "test", "--resume"))
+    with pytest.raises(ToolError, match=r"\(val at 8/255; test at 8/255\)"):
+        run_main(cli(*base, "--eps-list", "0", "--resume"))
+    assert (out / "results.json").read_bytes() == before
+    grown = run_main(cli(*base, "--eps-list", "0", "8/255", "16/255", "--resume"))
+    assert [(r["split"], r["eps_255"]) for r in grown.sorted_rows()] == [
+        ("val", 0), ("val", 8), ("val", 16), ("test", 0), ("test", 8), ("test", 16)]
+
+
 # --------------------------------------------------------------------------- several attacks
 def test_classification_worst_case_needs_every_attack_survived(cls_setup):
     model, source = cls_setup
