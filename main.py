@@ -31,7 +31,7 @@ from distributed import Dist, init_distributed, setup_for_distributed, shutdown,
 from engine import Engine, prepare_model
 from files import output_lock
 from outcomes import gather_outcomes, per_sample_arrays
-from report import Report, library_versions
+from report import Report, library_versions, refuse_earlier_sweep
 from splitdata import load_split
 from sweep import WORST_CASE_RULE, SweepSpec, run_split
 from utils import (PRECISIONS, ArgumentParser, CheckpointError, DataError, ToolError, UsageError, check_number,
@@ -79,6 +79,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="default: Classification/ or Segmentation/")
     parser.add_argument("--examples", type=int, default=4, help="examples in Images/images.png")
     parser.add_argument("--resume", action="store_true", help="skip rows already computed in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier sweep in --out (refused without it or --resume)")
     parser.add_argument("--engine", default="fast", choices=["fast", "library"],
                         help="fast: the PGD family runs packed, with early stop (default); library: as built")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -182,6 +184,10 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.examples < 0, f"--examples must be >= 0, got {args.examples}"),
         (args.workers < 0, f"--workers must be >= 0, got {args.workers}"),
         (args.check_limit < 1, f"--check-limit must be >= 1, got {args.check_limit}"),
+        (args.resume and args.overwrite, "--resume continues the sweep in --out and --overwrite replaces it; "
+                                         "give one of them"),
+        (args.out is not None and not str(args.out).strip(), "--out is empty; give a folder (or drop --out for "
+                                                              "the default)"),
         (args.target_class is not None and (args.task != "classification" or not args.targeted),
          "--target-class needs --targeted and --task classification (segmentation uses --target-map)"),
         (args.target_class is not None and not 0 <= args.target_class < len(CLASS_NAMES),
@@ -367,6 +373,7 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ckpt, model = load_model(args, engine.device)
+    refuse_earlier_sweep(args.out, resume=args.resume, overwrite=args.overwrite)
     model = prepare_model(model, engine)
     if args.data is None:
         args.data = (ckpt.get("args") or {}).get("data")

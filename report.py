@@ -102,6 +102,19 @@ def previous_rows(out: Path, config: dict) -> list[dict]:
     return rows
 
 
+#: What a finished sweep writes besides its tables; each goes once a new (not resumed) sweep's
+#: first row is in, so a folder never holds the tables of one sweep next to the report or
+#: figures of another.
+SWEEP_OUTPUTS = ("per_sample.npz", "report.md", "Images/AccClassif.png", "Images/AccSegme.png", "Images/images.png")
+
+
+def refuse_earlier_sweep(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """A new sweep never silently replaces the results of an earlier one in ``out``."""
+    if not resume and not overwrite and (out / "results.json").exists():
+        raise ToolError(f"{out} already holds the results of an earlier sweep (results.json); pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --out")
+
+
 def _row_span(rows: Sequence[dict], norm: str) -> str:
     """The splits and eps of ``rows``, e.g. "val at 0, 8/255; test at 16/255"."""
     by_split: dict[str, list[float]] = {}
@@ -116,7 +129,7 @@ class Report:
 
     def __init__(self, out: str | Path, task: str, config: dict, *, splits: Sequence[str],
                  eps_list: Sequence[float], attacks: Sequence[str] = ("pgd",), resume: bool = False) -> None:
-        self.out, self.task, self.config = Path(out), task, dict(config)
+        self.out, self.task, self.config, self.resume = Path(out), task, dict(config), resume
         self.splits, self.eps_list = list(splits), [float(e) for e in eps_list]
         self.attacks = [*attacks, "worst"] if len(attacks) > 1 else list(attacks)
         self.fingerprint = config_fingerprint(self.config)
@@ -163,8 +176,10 @@ class Report:
         row["eps_255"] = round(float(row["eps"]) * 255, 4) if self.norm == "Linf" else None
         self._keep(row)
         self.write_tables()
-        # The tables now describe this sweep; outcomes of an earlier one must not be paired with them.
-        (self.out / "per_sample.npz").unlink(missing_ok=True)
+        # The tables now describe this sweep: outcomes, figures and a report of an earlier one go
+        # (a resumed sweep keeps its own figures and report until it finishes).
+        for name in ("per_sample.npz",) if self.resume else SWEEP_OUTPUTS:
+            (self.out / name).unlink(missing_ok=True)
 
     def add_examples(self, split: str, examples: dict) -> None:
         self.examples[split] = examples

@@ -528,10 +528,27 @@ def test_full_disk_while_writing_results_or_a_figure(tmp_path, capsys, monkeypat
     path = next(out.rglob(name))
     before = path.read_bytes()
     fill_disk_at(monkeypatch, name)
-    rc, lines = _run(sweep_cli, sweep_argv(checkpoint, out, "--eps-list", "0", "1/255"), capsys)
+    rc, lines = _run(sweep_cli, sweep_argv(checkpoint, out, "--eps-list", "0", "1/255", "--resume"), capsys)
     assert rc == 1
     _assert_one_error_line(lines, str(path), "No space left on device", f"previous {name} is kept")
     assert path.read_bytes() == before and temporaries(out) == []
+
+
+def test_a_new_sweep_never_silently_replaces_an_earlier_one(tmp_path, capsys, monkeypatch, swept):
+    checkpoint, out = swept[0], Path(shutil.copytree(swept[1], tmp_path / "out"))
+    before = snapshot(out)
+    rc, lines = _run(sweep_cli, sweep_argv(checkpoint, out, "--attack", "pgd"), capsys)
+    assert rc == 1
+    _assert_one_error_line(lines, str(out), "already holds the results of an earlier sweep", "--resume",
+                           "--overwrite")
+    assert snapshot(out) == before
+    # --overwrite, interrupted before it finishes: the tables are the new sweep's, and neither the
+    # report nor a figure of the old one is left beside them
+    monkeypatch.setattr(sweep_cli.Report, "finish", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, lines = _run(sweep_cli, sweep_argv(checkpoint, out, "--attack", "pgd", "--overwrite"), capsys)
+    assert rc == 130
+    assert {row["attack"] for row in json.loads((out / "results.json").read_text())["rows"]} == {"pgd"}
+    assert not (out / "report.md").exists() and not list((out / "Images").glob("*.png"))
 
 
 # --------------------------------------------------------------------------- progress bars
