@@ -44,6 +44,8 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 }
 #: Peak learning rates per task and optimiser; classification's follow its halved batch (linear scaling).
 DEFAULT_LR = {"classification": {"adamw": 1e-3, "sgd": 0.025}, "segmentation": {"adamw": 2e-3, "sgd": 0.05}}
+#: The largest --image-size accepted: a larger one would only fail later, out of memory.
+MAX_IMAGE_SIZE = 2048
 
 
 def _by_task(flag: str) -> str:
@@ -116,6 +118,11 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
+    if args.out is not None and not str(args.out).strip():
+        raise UsageError("--out is empty; give a folder (or drop --out for the default)")
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size {args.image_size} is over {MAX_IMAGE_SIZE} px, far above any blood-smear "
+                         "crop; choose a smaller size")
     for flag, value in (("--workers", args.workers), ("--warmup-epochs", args.warmup_epochs)):
         if value < 0:
             raise UsageError(f"{flag} must be 0 or more, got {value}")

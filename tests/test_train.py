@@ -138,7 +138,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("flag,value", [("--label-smoothing", "1.5"), ("--lr", "-1"), ("--workers", "-1")])
+@pytest.mark.parametrize("flag,value", [("--label-smoothing", "1.5"), ("--lr", "-1"), ("--workers", "-1"),
+                                        ("--out", " "), ("--image-size", "100000")])
 def test_bad_training_flags_are_usage_errors(flag, value):
     with pytest.raises(train.UsageError, match=flag):
         train.validate_args(train.get_args_parser().parse_args([flag, value]))
