@@ -389,8 +389,6 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
         restore_state(resume, ckpt_dir / "last.pt", args.opt, module, optimizer, scheduler, scaler, device)
         start_epoch, history, best_metric = resume["epoch"], resume["history"], resume["best_metric"]
         print(f"resuming from {ckpt_dir / 'last.pt'} at epoch {start_epoch + 1}")
-    elif args.overwrite and dist.is_main:
-        remove_earlier_run(args.out)
     model = (nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
              if dist.active else module)
 
@@ -416,6 +414,8 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
         robust = f"  robust {val[best_key]:.4f}" if adv.active else ""
         print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val {summary_line(args.task, val)}{robust}")
         if dist.is_main:
+            if args.overwrite and resume is None and epoch == start_epoch:
+                remove_earlier_run(args.out)  # only now: a run that fails before its first epoch loses nothing
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict() if scaler is not None else {},
                          history=history, best_metric=best_metric)

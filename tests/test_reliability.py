@@ -273,6 +273,23 @@ def test_no_finite_validation_metric_is_an_error_not_an_older_best(run_copy, tra
     assert last["args"]["seed"] == 1 and math.isnan(last["history"][0]["val_accuracy"])
 
 
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_finishes_an_epoch(run_copy, train_data, capsys,
+                                                                               monkeypatch):
+    """A corrupt validation image found in epoch 1 must not cost the earlier run: --overwrite
+    removes it only when the new run writes its first checkpoint."""
+    from utils import DataError
+
+    def corrupt_val(*args, **kwargs):
+        raise DataError("image val/0001.png is corrupt; replace it or delete it")
+
+    before = snapshot(run_copy)
+    monkeypatch.setattr(train_cli, "validate", corrupt_val)
+    rc, lines = _run(train_cli, train_argv(run_copy, train_data, "--overwrite", "--seed", "1"), capsys)
+    assert rc == 1
+    _assert_one_error_line(lines, "is corrupt")
+    assert snapshot(run_copy) == before
+
+
 def test_best_pt_of_another_run_is_never_tested(run_copy):
     args = train_cli.get_args_parser().parse_args(train_argv(run_copy, Path("unused")))
     train_cli.validate_args(args)
