@@ -24,10 +24,9 @@ from utils import CheckpointError, ToolError, primary_metric
 #: --workers among them: each DataLoader worker augments from its own seed, so the same epoch
 #: augments differently with another number of workers. --epochs may change (see schedule_note).
 RESUME_FLAGS = ("workers", "opt", "lr", "weight_decay", "warmup_epochs", "batch_size", "class_weights",
-                "label_smoothing",
-                "dice_weight", "seed", "split_seed", "data", "val_data", "test_data", "limit", "skip_missing_masks",
-                "amp", "sync_bn", "adv", "adv_eps", "adv_steps", "adv_alpha", "adv_warmup_epochs", "trades_beta",
-                "adv_attack", "adv_val_limit")
+                "label_smoothing", "dice_weight", "seed", "split_seed", "data", "val_data", "test_data", "limit",
+                "skip_missing_masks", "amp", "sync_bn", "adv", "adv_eps", "adv_steps", "adv_alpha",
+                "adv_warmup_epochs", "trades_beta", "adv_attack", "adv_val_limit")
 #: What a checkpoint written before a flag existed was trained with (compared on --resume).
 RESUME_DEFAULTS = {"sync_bn": False, "adv": "none"}
 #: A state-dict key that only the optimizer of each --opt has.
