@@ -224,7 +224,8 @@ def _swept_below_differs(runs: Sequence[Run], split: str) -> bool:
     swept = [{round(e, 9) for e in run.series(split)} for run in runs if run.series(split)]
     if len(swept) < 2:
         return False
-    return any(len({frozenset(e for e in eps if e <= shared) for eps in swept}) > 1 for shared in set.intersection(*swept))
+    below = [[frozenset(e for e in eps if e <= shared) for eps in swept] for shared in set.intersection(*swept)]
+    return any(len(set(sets)) > 1 for sets in below)
 
 
 def _eps_text(eps: float, norm: str) -> str:

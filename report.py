@@ -120,8 +120,8 @@ def _row_span(rows: Sequence[dict], norm: str) -> str:
     by_split: dict[str, list[float]] = {}
     for row in rows:
         by_split.setdefault(row["split"], []).append(float(row["eps"]))
-    text = (lambda e: f"{e * 255:.4g}/255" if e and norm == "Linf" else f"{e:.4g}")
-    return "; ".join(f"{split} at {', '.join(text(e) for e in sorted(set(eps)))}" for split, eps in by_split.items())
+    return "; ".join(f"{split} at {', '.join(_eps_text(e, norm) if e else '0' for e in sorted(set(eps)))}"
+                     for split, eps in by_split.items())
 
 
 class Report:
