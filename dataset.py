@@ -261,7 +261,60 @@ def build_splits(task: str, data: str | Path | None, val_data: str | Path | None
                             f"{tuple(fractions)}); add images or give the split its own folder")
         datasets[name] = dataset_cls(chosen, build_transform(task, image_size, train=name == "train" and augment_train))
         datasets[name].split_digest = split_digest(split_samples[name])
+    copies = training_copies(split_samples["train"], {name: datasets[name].samples for name in ("val", "test")})
+    for name in SPLITS:
+        datasets[name].training_copies = copies.get(name, [])
     return datasets
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # unreadable: loading it reports the problem
+        return None
+
+
+def _file_digest(path: Path, cache: dict[Path, str | None]) -> str | None:
+    if path not in cache:
+        try:
+            cache[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            cache[path] = None
+    return cache[path]
+
+
+def training_copies(train: Sequence[tuple], evaluated: dict[str, Sequence[tuple]]) -> dict[str, list[tuple[Path, Path]]]:
+    """Per evaluated split, its images that are byte-identical to a training image, as
+    ``(image, training image)`` pairs.
+
+    A dataset that holds an image twice, or a --test-data folder that copies training images,
+    puts images the model was trained on among those it is judged on, which makes the split's
+    metrics optimistic. Only files whose size equals a training file's are read.
+    """
+    train_by_size: dict[int, list[Path]] = {}
+    for sample in train:
+        size = _file_size(Path(sample[0]))
+        if size is not None:
+            train_by_size.setdefault(size, []).append(Path(sample[0]))
+    cache: dict[Path, str | None] = {}
+    copies: dict[str, list[tuple[Path, Path]]] = {}
+    for name, samples in evaluated.items():
+        copies[name] = []
+        for sample in samples:
+            path = Path(sample[0])
+            candidates = train_by_size.get(_file_size(path), [])
+            digest = _file_digest(path, cache) if candidates else None
+            match = next((c for c in candidates if digest is not None and _file_digest(c, cache) == digest), None)
+            if match is not None:
+                copies[name].append((path, match))
+    return copies
+
+
+def training_copies_note(split: str, copies: Sequence[tuple[Path, Path]]) -> str:
+    """One line on a split's copies of training images (see ``training_copies``)."""
+    image, original = copies[0]
+    return (f"{len(copies)} {split} images are byte-identical to training images (e.g. {image} = {original}), "
+            f"so the {split} metrics are optimistic; remove the copies from one of the two splits")
 
 
 def split_digest(samples: Sequence[tuple]) -> str:

@@ -26,7 +26,7 @@ from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, split_seed
 from checks import CheckSettings, run_checks
 from compare import compare, load_runs, setting_differences
-from dataset import CLASS_NAMES, build_splits
+from dataset import CLASS_NAMES, build_splits, training_copies_note
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
 from engine import Engine, prepare_model
 from files import output_lock
@@ -238,7 +238,11 @@ def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
             raise DataError(f"the {name} split of the data is not the one {args.checkpoint} was trained with "
                             f"(files were added, removed or renamed since, which reshuffles the splits); "
                             f"attack it on the data it was trained on, or retrain")
-    return {name: datasets[name] for name in dict.fromkeys(args.splits)}
+    chosen = {name: datasets[name] for name in dict.fromkeys(args.splits)}
+    for name, split in chosen.items():
+        if split.training_copies:
+            print(f"note: {training_copies_note(name, split.training_copies)}")
+    return chosen
 
 
 def alpha_for(args: argparse.Namespace, eps: float) -> float:
@@ -386,6 +390,8 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
     config = sweep_config(args, ckpt, file_sha256(args.checkpoint), engine, per_sample)
     config["world_size"] = dist.world_size
     config["split_digests"] = {split: dataset.split_digest for split, dataset in datasets.items()}
+    config["copies_of_training_images"] = {split: len(dataset.training_copies) for split, dataset in datasets.items()
+                                           if split != "train"}
     report = Report(args.out, args.task, config, splits=list(dict.fromkeys(args.splits)),
                     eps_list=args.eps_values, attacks=args.attacks, resume=args.resume)
     spec = SweepSpec(task=args.task, class_names=list(ckpt["class_names"]), eps_list=args.eps_values,

@@ -354,6 +354,15 @@ def pivot_table(report: Report, key: str) -> str:
     return markdown_table(table, ["split", "eps", *report.attacks])
 
 
+def _copies_warning(copies: dict | None) -> list[str]:
+    """A paragraph when evaluated splits hold byte-identical copies of training images."""
+    found = [f"{count} {split}" for split, count in (copies or {}).items() if count]
+    if not found:
+        return []
+    return [f"**Data warning:** {' and '.join(found)} images are byte-identical to training images, so these "
+            "splits' metrics are optimistic (the model was trained on them).", ""]
+
+
 def render_markdown(report: Report, curve: Path, grid: Path | None) -> str:
     rows, cfg = report.sorted_rows(), report.config
     key = "accuracy" if report.task == "classification" else "dice_mean"
@@ -371,6 +380,7 @@ def render_markdown(report: Report, curve: Path, grid: Path | None) -> str:
         f"device {cfg.get('device')}, engine {cfg.get('engine')} ({cfg.get('precision')}, "
         f"early stop {cfg.get('early_stop')}).",
         "",
+        *_copies_warning(cfg.get("copies_of_training_images")),
         f"![robustness curve]({curve.relative_to(report.out).as_posix()})",
         "",
         f"## {key} by attack", "",

@@ -368,6 +368,9 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     check_train_split(args, len(splits["train"]), dist.world_size)
     class_names = list(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)
     print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
+    for name in ("val", "test"):
+        if splits[name].training_copies:
+            print(f"note: {dataset.training_copies_note(name, splits[name].training_copies)}")
     mean, std = (resume["mean"], resume["std"]) if resume is not None else normalisation_stats(args, splits["train"])
     loaders = build_loaders(args, splits, dist)
     robust_val = robust_subset(splits["val"], adv.val_limit, args.seed, dist) if adv.active else None
@@ -435,7 +438,8 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
                     interval=True)
     robust = robust_test_metrics(module, splits["test"], args, adv, class_names, dist)
     result = {**test, **robust, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2),
-              "world_size": dist.world_size}
+              "world_size": dist.world_size,
+              "copies_of_training_images": {name: len(splits[name].training_copies) for name in ("val", "test")}}
     shown = f"  robust {robust[f'test_robust_{key}']:.4f}" if robust else ""
     print(f"test ({len(splits['test'])} images, best epoch {best['epoch']}): {summary_line(args.task, test)}{shown}")
     if dist.is_main:

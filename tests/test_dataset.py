@@ -335,6 +335,50 @@ def test_build_splits_with_own_val_and_test_folders(make_classification_data):
     assert len(only_val["test"]) >= 4  # about 0.15/0.85 of each class, at least one per class
 
 
+def _distinct_images(root: Path, per_class: int, first_seed: int) -> Path:
+    """Class folders of PNG images that all differ (each has its own noise seed)."""
+    for c, name in enumerate(("Lymphocyte", "Neutrophil")):
+        for i in range(per_class):
+            seed = first_seed + 100 * c + i
+            save_image(root / name / f"{seed}.png", cell_image(cell_grey_mask(16, 16, i), seed=seed))
+    return root
+
+
+def test_test_images_copied_from_training_images_are_found(tmp_path):
+    train_root = _distinct_images(tmp_path / "Train", 6, first_seed=0)
+    test_root = _distinct_images(tmp_path / "Test", 2, first_seed=1000)
+    copied = test_root / "Lymphocyte" / "copy.png"
+    copied.write_bytes((train_root / "Lymphocyte" / "3.png").read_bytes())
+    altered = bytearray((train_root / "Neutrophil" / "101.png").read_bytes())
+    altered[len(altered) // 2] ^= 1  # same size, other content: not a copy
+    (test_root / "Neutrophil" / "altered.png").write_bytes(bytes(altered))
+    val_root = _distinct_images(tmp_path / "Val", 2, first_seed=3000)
+    splits = D.build_splits("classification", train_root, val_root, test_root, image_size=16)
+    assert splits["test"].training_copies == [(copied, train_root / "Lymphocyte" / "3.png")]
+    assert splits["train"].training_copies == [] and splits["val"].training_copies == []
+    note = D.training_copies_note("test", splits["test"].training_copies)
+    assert note.startswith("1 test images are byte-identical to training images") and str(copied) in note
+    distinct = D.build_splits("classification", train_root, val_root, _distinct_images(tmp_path / "T2", 2, 2000),
+                              image_size=16)
+    assert distinct["test"].training_copies == [] and distinct["val"].training_copies == []
+
+
+def test_an_image_held_twice_in_data_is_found_when_the_split_parts_the_pair(tmp_path):
+    root = _distinct_images(tmp_path / "Data", 10, first_seed=0)
+    for i in range(10):  # a copy of every Lymphocyte: some pairs land in different splits
+        (root / "Lymphocyte" / f"dup{i}.png").write_bytes((root / "Lymphocyte" / f"{i}.png").read_bytes())
+    splits = D.build_splits("classification", root, image_size=16)
+    train = {Path(sample[0]) for sample in splits["train"].samples}
+
+    def partner(path: Path) -> Path:
+        return path.with_name(path.name.removeprefix("dup") if path.name.startswith("dup") else "dup" + path.name)
+
+    for name in ("val", "test"):
+        evaluated = [Path(sample[0]) for sample in splits[name].samples]
+        assert splits[name].training_copies == [(p, partner(p)) for p in evaluated if partner(p) in train]
+    assert sum(len(splits[n].training_copies) for n in ("val", "test")) > 0
+
+
 def test_build_splits_limit_and_segmentation(segmentation_root):
     datasets = D.build_splits("segmentation", segmentation_root, image_size=16, limit=3)
     assert all(1 <= len(ds) <= 3 for ds in datasets.values())

@@ -10,7 +10,7 @@ import main as sweep_cli
 from conftest import write_tiny_checkpoint
 from dataset import build_splits
 from test_cli_errors import _assert_one_error_line, _run, assert_sweep_usage_error
-from utils import cpu_has_native_bf16, segmentation_metrics
+from utils import cpu_has_native_bf16, run_cli, segmentation_metrics
 
 USAGE = [
     pytest.param(["--attack", "pgd,nope"], ["--attack 'nope' is unknown", "fgsm, pgd"], id="unknown-in-list"),
@@ -101,6 +101,32 @@ def test_per_sample_outcomes_give_every_rows_accuracy(tmp_path, capsys, make_cla
                 wrong_eps = per_sample[f"{split}/{row['attack']}/wrong_eps"]
                 assert len(wrong_eps) == len(labels) == row["n"]
                 assert np.mean(wrong_eps > row["eps"]) == pytest.approx(row["accuracy"], abs=1e-12)
+
+
+def test_a_sweep_names_test_images_that_copy_training_images(tmp_path, capsys, make_classification_data):
+    from test_dataset import _distinct_images
+
+    copied = make_classification_data()  # every class folder holds the same images: copies across splits
+    for name, data in (("copied", copied), ("distinct", _distinct_images(tmp_path / "distinct", 8, first_seed=0))):
+        checkpoint = write_tiny_checkpoint(tmp_path / f"{name}.pt", "classification", data)
+        out = tmp_path / name
+        capsys.readouterr()
+        rc = run_cli(sweep_cli.main, sweep_cli.get_args_parser().parse_args([
+            "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu", "--eps-list", "0", "--no-checks"]))
+        assert rc == 0
+        lines = capsys.readouterr().out.splitlines()
+        splits = build_splits("classification", data, image_size=32)
+        expected = {split: len(splits[split].training_copies) for split in ("val", "test")}
+        config = json.loads((out / "results.json").read_text())["config"]
+        assert config["copies_of_training_images"] == expected
+        report = (out / "report.md").read_text()
+        if name == "copied":
+            assert expected["val"] > 0 and expected["test"] > 0
+            assert any(line.startswith(f"note: {expected['test']} test images are byte-identical") for line in lines)
+            assert f"**Data warning:** {expected['val']} val and {expected['test']} test images" in report
+        else:
+            assert expected == {"val": 0, "test": 0}
+            assert not any("byte-identical" in line for line in lines) and "Data warning" not in report
 
 
 def test_a_task_flag_that_contradicts_the_checkpoint_is_one_line_error(tmp_path, capsys):

@@ -61,6 +61,23 @@ def test_one_epoch_smoke_run_writes_everything(tmp_path, tiny_synthetic_root, ta
     assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(ckpt["mean"]))
 
 
+def test_copies_of_training_images_in_the_test_folder_are_named(tmp_path, tiny_synthetic_root, capsys):
+    from test_dataset import _distinct_images
+
+    train_images = sorted((tiny_synthetic_root / "Train" / "Lymphocyte").iterdir())[:2]
+    test_root = _distinct_images(tmp_path / "Test", 2, first_seed=0)
+    for image in train_images:
+        (test_root / "Lymphocyte" / f"copy_{image.name}").write_bytes(image.read_bytes())
+    out = tmp_path / "run"
+    train.main(_args(out, tiny_synthetic_root, "classification", "--val-data",
+                     str(_distinct_images(tmp_path / "Val", 2, first_seed=500)), "--test-data", str(test_root)))
+    printed = capsys.readouterr().out
+    assert "note: 2 test images are byte-identical to training images" in printed
+    assert "val images are byte-identical" not in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["copies_of_training_images"] == {"val": 0, "test": 2}
+
+
 def _stopped_after_one_of_two_epochs(out, root, monkeypatch):
     """A two-epoch run interrupted (Ctrl-C) when its second epoch starts."""
     real, calls = train.train_one_epoch, []
