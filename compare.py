@@ -64,14 +64,16 @@ def _read_table(path: Path) -> list[dict]:
     return rows
 
 
-def _read_config(path: Path) -> dict:
+def _read_results(path: Path) -> tuple[dict, bool]:
     """The sweep settings a main.py ``results.json`` records (empty when absent or unreadable:
-    the table alone is enough to draw the comparison)."""
+    the table alone is enough to draw the comparison), and whether the sweep finished (results
+    written before the ``complete`` field existed count as finished)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8")).get("config", {})
+        results = json.loads(path.read_text(encoding="utf-8"))
+        config, complete = results.get("config", {}), results.get("complete", True)
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return {}
-    return config if isinstance(config, dict) else {}
+        return {}, True
+    return (config if isinstance(config, dict) else {}), complete is not False
 
 
 def _read_per_sample(path: Path) -> dict[str, np.ndarray] | None:
@@ -136,7 +138,7 @@ class Run:
         self.attacks = [a for a in attacks if a != "worst"]
         self.norm = "L2" if rows and all(row.get("eps_255") in ("", None) for row in rows) else "Linf"
         self.rows = [row for row in rows if row["attack"] == self.shown]
-        self.config = _read_config(folder / "results.json")
+        self.config, self.complete = _read_results(folder / "results.json")
         self.samples = {row["split"]: row.get("n") for row in self.rows}
         digests = self.config.get("split_digests")
         self.split_digests = ({split: str(d) for split, d in digests.items()} if isinstance(digests, dict) else {})
@@ -258,6 +260,8 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
              "Each run shows its worst case over its attacks (or its only attack):", ""]
     parts += [f"- **{run.name}**: {', '.join(run.attacks)} (`{run.folder}`)"
               + ("" if run.shown == "worst" or len(run.attacks) <= 1 else f"; no worst-case rows yet, shown: {run.shown}")
+              + ("" if run.complete else "; **unfinished**: the sweep was interrupted, so rows may be missing "
+                 "(finish it with `main.py --resume`)")
               for run in runs]
     differences = setting_differences(runs)
     if differences:

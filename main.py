@@ -348,6 +348,9 @@ def compare_runs(args: argparse.Namespace) -> list:
     differences = setting_differences(runs)
     if differences:
         print(f"note: the runs are not like for like ({'; '.join(differences)}); compare.md says so")
+    unfinished = [str(run.folder) for run in runs if not run.complete]
+    if unfinished:
+        print(f"note: {', '.join(unfinished)} hold an interrupted sweep; finish it with --resume before comparing")
     return runs
 
 

@@ -136,6 +136,7 @@ class Report:
         self.examples: dict[str, dict] = {}
         self.per_sample: dict[str, np.ndarray] = {}
         self.checks: list[dict] | None = None
+        self.finished = False
         self.rows: dict[tuple[str, float, str], dict] = {}
         dropped = []
         for row in previous_rows(self.out, self.config) if resume else []:
@@ -195,13 +196,15 @@ class Report:
         columns = self.columns()
         rows = [{col: row.get(col) for col in columns} for row in self.sorted_rows()]
         atomic_write_csv(self.out / "results.csv", rows, columns)
-        payload = {"config": self.config, "rows": rows}
+        # "complete" stays false until finish(): the tables of an interrupted sweep say so
+        payload = {"config": self.config, "complete": self.finished, "rows": rows}
         if self.checks is not None:
             payload["checks"] = self.checks
         atomic_write_json(self.out / "results.json", payload)
 
     def finish(self) -> None:
         """Tables, per-sample outcomes, robustness curves, example grid and report.md."""
+        self.finished = True
         self.write_tables()
         if self.per_sample:
             atomic_savez(self.out / "per_sample.npz", self.per_sample)

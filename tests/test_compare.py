@@ -293,3 +293,41 @@ def test_paired_differences_of_two_real_sweeps_match_their_tables(tmp_path, caps
             assert row["difference"] == pytest.approx(accuracy[1][row["eps"]] - accuracy[0][row["eps"]], abs=1e-12)
             assert row["low"] <= row["difference"] <= row["high"]
     assert "## Paired differences from steps1" in (out / "compare.md").read_text()
+
+
+def test_an_interrupted_sweep_is_marked_unfinished_until_resumed(tmp_path, capsys, monkeypatch,
+                                                                 make_classification_data):
+    from conftest import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "cls.pt", "classification", make_classification_data())
+    folders = {name: tmp_path / name for name in ("finished", "interrupted")}
+    argv = ["--checkpoint", str(checkpoint), "--device", "cpu", "--eps-list", "0", "4/255", "--steps", "1",
+            "--no-checks"]
+    assert _run(sweep_cli, [*argv, "--out", str(folders["finished"])], capsys)[0] == 0
+    log_row, logged = sweep_cli.log_row, []
+
+    def interrupted_after_two_rows(*args, **kwargs):
+        log_row(*args, **kwargs)
+        logged.append(args)
+        if len(logged) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_cli, "log_row", interrupted_after_two_rows)
+    assert _run(sweep_cli, [*argv, "--out", str(folders["interrupted"])], capsys)[0] != 0
+    results = {name: json.loads((folder / "results.json").read_text()) for name, folder in folders.items()}
+    assert results["finished"]["complete"] is True and results["interrupted"]["complete"] is False
+    assert len(results["interrupted"]["rows"]) == 2 < len(results["finished"]["rows"])
+
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert sweep_cli.main(sweep_cli.get_args_parser().parse_args(
+        ["--compare", *map(str, folders.values()), "--out", str(out)])) is not None
+    printed = capsys.readouterr().out
+    assert f"note: {folders['interrupted']} hold an interrupted sweep" in printed
+    bullets = {line.split("**")[1]: line for line in (out / "compare.md").read_text().splitlines()
+               if line.startswith("- **")}
+    assert "unfinished" in bullets["interrupted"] and "unfinished" not in bullets["finished"]
+
+    monkeypatch.setattr(sweep_cli, "log_row", log_row)
+    assert _run(sweep_cli, [*argv, "--out", str(folders["interrupted"]), "--resume"], capsys)[0] == 0
+    assert json.loads((folders["interrupted"] / "results.json").read_text())["complete"] is True
