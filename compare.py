@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from files import atomic_savefig, atomic_write_text  # noqa: E402
 from stats import (BOOTSTRAP_RESAMPLES, holm_adjusted, mcnemar_mid_p,  # noqa: E402
                    paired_dice_difference_interval, paired_dice_permutation_p, paired_difference_interval)
-from utils import UsageError, segmentation_metrics  # noqa: E402
+from utils import UsageError, eps_text, segmentation_metrics  # noqa: E402
 
 
 def _number(text: str | None) -> float | None:
@@ -209,7 +209,7 @@ def setting_differences(runs: Sequence[Run]) -> list[str]:
         if runs[0].task == "classification" and _swept_below_differs(runs, split):
             lines.append(f"eps swept in {split} (more eps below a shared one is more attack: fooled samples stay "
                          "fooled): " + ", ".join(
-                             f"{run.name} {' '.join(_eps_text(e, run.norm) for e in sorted(run.series(split)))}"
+                             f"{run.name} {' '.join(eps_text(e, run.norm) for e in sorted(run.series(split)))}"
                              for run in runs if run.series(split)))
         counts = [(run.name, run.samples.get(split)) for run in runs if run.samples.get(split) not in (None, "")]
         if len({count for _, count in counts}) > 1:
@@ -228,10 +228,6 @@ def _swept_below_differs(runs: Sequence[Run], split: str) -> bool:
         return False
     below = [[frozenset(e for e in eps if e <= shared) for eps in swept] for shared in set.intersection(*swept)]
     return any(len(set(sets)) > 1 for sets in below)
-
-
-def _eps_text(eps: float, norm: str) -> str:
-    return f"{eps * 255:.3g}/255" if norm == "Linf" else f"{eps:.3g}"
 
 
 def plot_comparison(runs: Sequence[Run], path: Path) -> None:
@@ -277,7 +273,7 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
         header = ["eps", *[run.name for run in runs]]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for eps in eps_values:
-            lines.append("| " + " | ".join([_eps_text(eps, norm), *(one.get(eps, "n/a") for one in cells)]) + " |")
+            lines.append("| " + " | ".join([eps_text(eps, norm), *(one.get(eps, "n/a") for one in cells)]) + " |")
         parts += ["", f"## {split}", "", *lines]
     if len(runs) > 1:
         parts += paired_markdown(runs)
@@ -384,7 +380,7 @@ def paired_markdown(runs: Sequence[Run]) -> list[str]:
         table = []
         for other, row in rows:
             interval = f"{_signed(row['low'], 3)} to {_signed(row['high'], 3)}"
-            cells = [_eps_text(row["eps"], first.norm), other.name, _signed(row["difference"], 4), interval]
+            cells = [eps_text(row["eps"], first.norm), other.name, _signed(row["difference"], 4), interval]
             if classification:
                 cells += [str(row["only_first"]), str(row["only_other"])]
             cells += [f"{row['p']:.3g}", f"{next(adjusted):.3g}"]

@@ -24,7 +24,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 
 from files import atomic_savefig, atomic_savez, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
 from stats import BOOTSTRAP_RESAMPLES  # noqa: E402
-from utils import ToolError  # noqa: E402
+from utils import ToolError, eps_text  # noqa: E402
 
 #: Config fields that change the numbers: a --resume with any of them different is refused.
 RESUME_FIELDS = ("task", "checkpoint_sha256", "attacks", "steps", "alpha", "random_start", "targeted",
@@ -120,7 +120,7 @@ def _row_span(rows: Sequence[dict], norm: str) -> str:
     by_split: dict[str, list[float]] = {}
     for row in rows:
         by_split.setdefault(row["split"], []).append(float(row["eps"]))
-    return "; ".join(f"{split} at {', '.join(_eps_text(e, norm) if e else '0' for e in sorted(set(eps)))}"
+    return "; ".join(f"{split} at {', '.join(eps_text(e, norm) if e else '0' for e in sorted(set(eps)))}"
                      for split, eps in by_split.items())
 
 
@@ -279,10 +279,6 @@ def _amplified(delta) -> np.ndarray:
     return np.clip((delta / (2 * scale) + 0.5).permute(1, 2, 0).numpy(), 0, 1)
 
 
-def _eps_text(eps: float, norm: str) -> str:
-    return f"{eps * 255:.3g}/255" if norm == "Linf" else f"{eps:.3g}"
-
-
 def plot_examples(examples: dict, task: str, class_names: Sequence[str] | None, split: str,
                   attack: str, norm: str, path: Path) -> None:
     """Rows: examples. Columns: original, [label mask], one per eps, amplified perturbation."""
@@ -303,11 +299,11 @@ def plot_examples(examples: dict, task: str, class_names: Sequence[str] | None, 
             ax = axes[r, extra + c]
             if seg:
                 ax.imshow(preds[c][r].numpy(), cmap=MASK_COLOURS, vmin=0, vmax=2, interpolation="nearest")
-                ax.set_title(f"eps {_eps_text(eps, norm)}", fontsize=7)
+                ax.set_title(f"eps {eps_text(eps, norm)}", fontsize=7)
             else:
                 ax.imshow(_to_hwc(advs[c][r]))
                 wrong = int(preds[c][r]) != int(labels[r])
-                ax.set_title(f"{_eps_text(eps, norm)}: {name(preds[c][r])}/{name(labels[r])}", fontsize=7,
+                ax.set_title(f"{eps_text(eps, norm)}: {name(preds[c][r])}/{name(labels[r])}", fontsize=7,
                              color="red" if wrong else "black")
         last = advs[-1][r] - originals[r] if advs else originals[r] * 0
         axes[r, -1].imshow(_amplified(last))
@@ -353,7 +349,7 @@ def pivot_table(report: Report, key: str) -> str:
             cells = {attack: with_interval(report.rows.get((split, eps, attack), {}), key)
                      for attack in report.attacks}
             if any(value is not None for value in cells.values()):
-                table.append({"split": split, "eps": _eps_text(eps, report.norm), **cells})
+                table.append({"split": split, "eps": eps_text(eps, report.norm), **cells})
     return markdown_table(table, ["split", "eps", *report.attacks])
 
 
@@ -398,6 +394,6 @@ def render_markdown(report: Report, curve: Path, grid: Path | None) -> str:
                   markdown_table(report.checks, ["id", "name", "status", "value", "detail"]), ""]
     if grid is not None:
         parts += [f"![examples]({grid.relative_to(report.out).as_posix()})", ""]
-    shown = [{**row, "eps": _eps_text(row["eps"], report.norm)} for row in rows]
+    shown = [{**row, "eps": eps_text(row["eps"], report.norm)} for row in rows]
     parts += ["## All rows", "", markdown_table(shown, ["split", "attack", "eps", "n", *metrics]), ""]
     return "\n".join(parts)

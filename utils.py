@@ -187,6 +187,11 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def eps_text(eps: float, norm: str) -> str:
+    """An eps as tables and figures show it: x/255 for L-inf budgets, a plain number for L2."""
+    return f"{eps * 255:.3g}/255" if norm == "Linf" else f"{eps:.3g}"
+
+
 # --------------------------------------------------------------------------- metrics
 def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Confusion matrix ``cm[true, pred]`` (int64, on CPU) over all elements of the tensors.

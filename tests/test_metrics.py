@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from files import atomic_write_json
-from utils import ConfusionMatrix, classification_metrics, confusion_matrix, parse_fraction, segmentation_metrics
+from utils import (ConfusionMatrix, classification_metrics, confusion_matrix, eps_text, parse_fraction,
+                   segmentation_metrics)
 
 CLASSES = ["a", "b", "c"]
 
@@ -104,6 +105,13 @@ def test_absent_class_dice_is_nan_not_zero():
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.03", 0.03), ("0", 0.0), (" 1/2 ", 0.5)])
 def test_parse_fraction(text, value):
     assert parse_fraction(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("eps,norm,text", [(8 / 255, "Linf", "8/255"), (0.5 / 255, "Linf", "0.5/255"),
+                                           (0.0, "Linf", "0/255"), (0.5, "L2", "0.5"), (1e-3, "L2", "0.001")])
+def test_eps_text_reads_back_as_the_eps(eps, norm, text):
+    assert eps_text(eps, norm) == text
+    assert parse_fraction(text) == pytest.approx(eps)
 
 
 @pytest.mark.parametrize("text", ["abc", "1/0", "nan", "", "8/"])
