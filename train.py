@@ -439,7 +439,7 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     robust = robust_test_metrics(module, splits["test"], args, adv, class_names, dist)
     result = {**test, **robust, "best_epoch": best["epoch"], "train_seconds": round(train_seconds, 2),
               "world_size": dist.world_size,
-              "copies_of_training_images": {name: len(splits[name].training_copies) for name in ("val", "test")}}
+              **{f"{name}_copies_of_training_images": len(splits[name].training_copies) for name in ("val", "test")}}
     shown = f"  robust {robust[f'test_robust_{key}']:.4f}" if robust else ""
     print(f"test ({len(splits['test'])} images, best epoch {best['epoch']}): {summary_line(args.task, test)}{shown}")
     if dist.is_main:

@@ -75,7 +75,7 @@ def test_copies_of_training_images_in_the_test_folder_are_named(tmp_path, tiny_s
     assert "note: 2 test images are byte-identical to training images" in printed
     assert "val images are byte-identical" not in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["copies_of_training_images"] == {"val": 0, "test": 2}
+    assert metrics["val_copies_of_training_images"] == 0 and metrics["test_copies_of_training_images"] == 2
 
 
 def _stopped_after_one_of_two_epochs(out, root, monkeypatch):
