@@ -282,8 +282,8 @@ def check_converged(subset: _Subset, eps: float, pgd: _PGDResults) -> Check:
             pred[newly] = again[newly]
         fooled[label] = fooled.get(label, 0) + int(newly.sum())
     gap = pgd(eps) - subset.metric_of(pred)
-    advice = ("quote the worst case of --attack pgd,apgd (or autoattack)" if fooled[f"APGD-CE-{steps}"]
-              else "raise --steps")
+    advice = (f"quote the worst case of --attack pgd,autoattack (or pgd,apgd with --steps {steps}: "
+              f"APGD runs --steps iterations)" if fooled[f"APGD-CE-{steps}"] else "raise --steps")
     found = ", ".join(f"{label} {count}" for label, count in fooled.items())
     return Check("d", "converged", _verdict(gap < POINTS), gap,
                  f"PGD-{subset.settings.steps} minus its worst case with PGD-{steps}, APGD-CE-{steps} and "

@@ -267,7 +267,8 @@ def test_converged_runs_apgd_on_the_samples_pgd_left_robust_and_says_to_quote_it
     assert all(torch.equal(only, torch.arange(40) >= 15) for _, _, _, only in calls[2:])
     assert check.status == "WARN" and check.value == pytest.approx(5 / 40)
     assert "APGD-CE-20 5" in check.detail and "PGD-20 0" in check.detail
-    assert check.detail.endswith("else quote the worst case of --attack pgd,apgd (or autoattack)")
+    assert check.detail.endswith("else quote the worst case of --attack pgd,autoattack (or pgd,apgd with "
+                                 "--steps 20: APGD runs --steps iterations)")
 
 
 class _FirstInputs(nn.Module):
