@@ -64,12 +64,19 @@ def run_cli(main: Callable[[Any], Any], args: Any) -> int:
     except ToolError as err:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        _error_line(f"error: {one_line(err)}")
         return err.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; finished rows and checkpoints are kept", file=sys.stderr)
+        _error_line("error: interrupted; finished rows and checkpoints are kept")
         return 130
     return 0
+
+
+def _error_line(line: str) -> None:
+    """Write ``line`` and its newline in one call. print() writes them separately, and stderr
+    to a pipe is unbuffered, so two torchrun ranks failing together could glue their lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(err: BaseException) -> str:

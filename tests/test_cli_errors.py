@@ -5,6 +5,7 @@ runs prove the end-to-end exit code and the absence of a traceback.
 """
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,26 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path, script, argv, code, fra
         assert not out.exists()
     else:
         assert _files_under(out) == []
+
+
+@pytest.mark.parametrize("failure,line", [(DataError("bad image"), "error: bad image\n"),
+                                          (KeyboardInterrupt(), "error: interrupted; finished rows and "
+                                                                "checkpoints are kept\n")])
+def test_an_error_line_is_written_in_one_call(monkeypatch, failure, line):
+    """Two torchrun ranks share stderr, which is unbuffered when it is a pipe: a line written as
+    text and newline in two calls can be split by the other rank's line (seen in CI)."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    def fail(_args):
+        raise failure
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert run_cli(fail, types.SimpleNamespace(debug=False)) != 0
+    assert writes == [line]
