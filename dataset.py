@@ -310,11 +310,17 @@ def training_copies(train: Sequence[tuple], evaluated: dict[str, Sequence[tuple]
     return copies
 
 
-def training_copies_note(split: str, copies: Sequence[tuple[Path, Path]]) -> str:
-    """One line on a split's copies of training images (see ``training_copies``)."""
-    image, original = copies[0]
-    return (f"{len(copies)} {split} images are byte-identical to training images (e.g. {image} = {original}), "
-            f"so the {split} metrics are optimistic; remove the copies from one of the two splits")
+def training_copies_notes(datasets: dict[str, Dataset]) -> list[str]:
+    """One line per split of ``datasets`` that holds copies of training images (see ``training_copies``)."""
+    notes = []
+    for split, data in datasets.items():
+        copies = getattr(data, "training_copies", [])
+        if copies:
+            image, original = copies[0]
+            notes.append(f"{len(copies)} {split} images are byte-identical to training images (e.g. {image} = "
+                         f"{original}), so the {split} metrics are optimistic; remove the copies from one of the "
+                         "two splits")
+    return notes
 
 
 def split_digest(samples: Sequence[tuple]) -> str:

@@ -26,7 +26,7 @@ from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
 from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, split_seed
 from checks import CheckSettings, run_checks
 from compare import compare, load_runs, setting_differences
-from dataset import CLASS_NAMES, build_splits, training_copies_note
+from dataset import CLASS_NAMES, build_splits, training_copies_notes
 from distributed import Dist, init_distributed, setup_for_distributed, shutdown, stop_together
 from engine import Engine, prepare_model
 from files import output_lock
@@ -239,9 +239,8 @@ def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
                             f"(files were added, removed or renamed since, which reshuffles the splits); "
                             f"attack it on the data it was trained on, or retrain")
     chosen = {name: datasets[name] for name in dict.fromkeys(args.splits)}
-    for name, split in chosen.items():
-        if split.training_copies:
-            print(f"note: {training_copies_note(name, split.training_copies)}")
+    for note in training_copies_notes(chosen):
+        print(f"note: {note}")
     return chosen
 
 

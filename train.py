@@ -368,9 +368,8 @@ def train(args: argparse.Namespace, dist: Dist) -> dict:
     check_train_split(args, len(splits["train"]), dist.world_size)
     class_names = list(dataset.CLASS_NAMES if args.task == "classification" else dataset.SEG_CLASS_NAMES)
     print(dataset.format_split_counts(splits, dataset.CLASS_NAMES))
-    for name in ("val", "test"):
-        if splits[name].training_copies:
-            print(f"note: {dataset.training_copies_note(name, splits[name].training_copies)}")
+    for note in dataset.training_copies_notes(splits):
+        print(f"note: {note}")
     mean, std = (resume["mean"], resume["std"]) if resume is not None else normalisation_stats(args, splits["train"])
     loaders = build_loaders(args, splits, dist)
     robust_val = robust_subset(splits["val"], adv.val_limit, args.seed, dist) if adv.active else None

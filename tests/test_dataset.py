@@ -356,7 +356,8 @@ def test_test_images_copied_from_training_images_are_found(tmp_path):
     splits = D.build_splits("classification", train_root, val_root, test_root, image_size=16)
     assert splits["test"].training_copies == [(copied, train_root / "Lymphocyte" / "3.png")]
     assert splits["train"].training_copies == [] and splits["val"].training_copies == []
-    note = D.training_copies_note("test", splits["test"].training_copies)
+    assert len(D.training_copies_notes(splits)) == 1
+    note = D.training_copies_notes(splits)[0]
     assert note.startswith("1 test images are byte-identical to training images") and str(copied) in note
     distinct = D.build_splits("classification", train_root, val_root, _distinct_images(tmp_path / "T2", 2, 2000),
                               image_size=16)
