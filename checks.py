@@ -133,10 +133,11 @@ class _Subset:
     def clean_metric(self) -> float:
         return self.metric_of(self.clean_pred)
 
-    def sweep_step(self, eps: float) -> float:
-        """The step of the sweep's own PGD at ``eps``: its L-inf ``--alpha``, else 2.5 * eps / steps."""
+    def sweep_step(self, eps: float, steps: int | None = None) -> float:
+        """The step rule of the sweep at ``eps`` for a PGD of ``steps`` (default: the sweep's):
+        its L-inf ``--alpha``, else 2.5 * eps / steps."""
         s = self.settings
-        return s.alpha if s.alpha is not None and s.norm == "Linf" else 2.5 * eps / s.steps
+        return s.alpha if s.alpha is not None and s.norm == "Linf" else 2.5 * eps / (steps or s.steps)
 
     def attacked_pred(self, name: str, eps: float, *, steps: int | None = None, random_start: bool | None = None,
                       tag: str = "", only: torch.Tensor | None = None, scaled_step: bool = False,
@@ -151,8 +152,8 @@ class _Subset:
         """
         s = self.settings
         steps = steps or s.steps
-        own = s.alpha is not None and s.norm == "Linf" and not scaled_step
-        alpha = alpha if alpha is not None else s.alpha if own else 2.5 * eps / steps
+        if alpha is None:
+            alpha = 2.5 * eps / steps if scaled_step else self.sweep_step(eps, steps)
         atk = build_attack(name, self.model, eps, steps=steps, alpha=alpha, num_classes=len(s.class_names),
                            random_start=s.random_start if random_start is None else random_start, seed=s.seed)
         chosen = torch.ones(len(self.source), dtype=torch.bool) if only is None else only
