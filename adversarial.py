@@ -29,7 +29,8 @@ from dataset import stratified_subset
 from distributed import Dist
 from engine import Engine, predict, predictions_under_attack
 from splitdata import DatasetSplit, SplitSource, preload
-from utils import UsageError, check_number, compute_metrics, confusion_matrix, parse_fraction
+from utils import (UsageError, check_number, compute_metrics, confusion_matrix, parse_fraction, parse_step_size,
+                   step_size)
 
 ADV_KINDS = ("none", "pgd", "trades")
 ROBUST_VAL_STEPS = 10
@@ -42,7 +43,7 @@ class AdvSettings:
     kind: str = "none"
     eps: float = 4 / 255
     steps: int = 7
-    alpha: float | None = None
+    alpha: float | str | None = None
     warmup_epochs: int = 0
     beta: float = 6.0
     attack: str = "pgd"
@@ -60,7 +61,7 @@ class AdvSettings:
         return self.eps * min(1.0, done)
 
     def alpha_for(self, eps: float) -> float:
-        return self.alpha if self.alpha is not None else 2.5 * eps / self.steps
+        return step_size(self.alpha, eps, self.steps)
 
 
 def add_adversarial_args(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +69,9 @@ def add_adversarial_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adv", default="none", choices=ADV_KINDS, help="none, pgd (PGD-AT) or trades")
     group.add_argument("--adv-eps", default="4/255", help="L-inf training budget in [0, 1], e.g. 4/255")
     group.add_argument("--adv-steps", default=7, type=int, help="inner attack steps")
-    group.add_argument("--adv-alpha", default=None, type=float, help="inner step size; default 2.5*eps/steps")
+    group.add_argument("--adv-alpha", default=None, type=parse_step_size,
+                       help="inner step size: a number (0.01, 2/255) or a fraction of each eps (eps/4); "
+                            "default 2.5*eps/steps")
     group.add_argument("--adv-warmup-epochs", default=0, type=int, help="epochs over which eps ramps up from 0")
     group.add_argument("--adv-attack", default="pgd", choices=["pgd", "segpgd"],
                        help="inner attack of PGD-AT (segpgd: segmentation only)")
@@ -86,7 +89,6 @@ def adversarial_settings(args: argparse.Namespace) -> AdvSettings:
     check_number("--adv-eps", eps, low=0, high=1)
     if args.adv_steps < 1:
         raise UsageError(f"--adv-steps must be at least 1, got {args.adv_steps}")
-    check_number("--adv-alpha", args.adv_alpha, low=0, low_open=True)
     check_number("--trades-beta", args.trades_beta, low=0)
     if args.adv_warmup_epochs < 0:
         raise UsageError(f"--adv-warmup-epochs must be 0 or more, got {args.adv_warmup_epochs}")

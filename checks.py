@@ -39,7 +39,7 @@ from attacks import PGDSpec, build_attack
 from dataset import stratified_subset
 from engine import Engine, forward, per_sample_noise, predict, predictions_under_attack, row_seed
 from splitdata import SplitSource, SubsetSplit
-from utils import compute_metrics, per_image_confusion, primary_metric, worst_case_choice
+from utils import compute_metrics, per_image_confusion, primary_metric, step_size, worst_case_choice
 
 CHECK_EPS_MAX = 16 / 255
 LINF_CHECK_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
@@ -73,7 +73,7 @@ class CheckSettings:
     eps_list: Sequence[float]
     norm: str = "Linf"
     steps: int = 10
-    alpha: float | None = None
+    alpha: float | str | None = None
     random_start: bool = False
     seed: int = 0
     limit: int = 64
@@ -135,9 +135,9 @@ class _Subset:
 
     def sweep_step(self, eps: float, steps: int | None = None) -> float:
         """The step rule of the sweep at ``eps`` for a PGD of ``steps`` (default: the sweep's):
-        its L-inf ``--alpha``, else 2.5 * eps / steps."""
+        its L-inf ``--alpha`` (a step, or a fraction of eps), else 2.5 * eps / steps."""
         s = self.settings
-        return s.alpha if s.alpha is not None and s.norm == "Linf" else 2.5 * eps / (steps or s.steps)
+        return step_size(s.alpha if s.norm == "Linf" else None, eps, steps or s.steps)
 
     def attacked_pred(self, name: str, eps: float, *, steps: int | None = None, random_start: bool | None = None,
                       tag: str = "", only: torch.Tensor | None = None, scaled_step: bool = False,
@@ -279,8 +279,7 @@ def check_converged(subset: _Subset, eps_values: Sequence[float], pgd: _PGDResul
                            key=lambda result: result[0])
     where = f"at eps {eps * 255:.3g}/255 (worst of {_eps_list(eps_values)})"
     longer = f"PGD-{steps} at PGD-{subset.settings.steps}'s step"
-    rerun = (f"sweep again with --steps {steps} --alpha {subset.sweep_step(eps):.4g} (the step it used at "
-             f"{eps * 255:.3g}/255)")
+    rerun = f"sweep again with --steps {steps} --alpha {_same_step_flag(subset.settings)}"
     if fooled is None:
         return Check("d", "converged", _verdict(gap < POINTS), gap,
                      f"PGD-{subset.settings.steps} minus its worst case with {longer} {where}; "
@@ -292,6 +291,15 @@ def check_converged(subset: _Subset, eps_values: Sequence[float], pgd: _PGDResul
                  f"PGD-{subset.settings.steps} minus its worst case with {longer}, APGD-CE-{steps} and "
                  f"{RESTARTS} random restarts {where}; samples each fooled besides: {found}; "
                  f"must be < {POINTS}, else {advice}")
+
+
+def _same_step_flag(settings: CheckSettings) -> str:
+    """The ``--alpha`` that keeps the sweep's L-inf step at every eps with any ``--steps``."""
+    if isinstance(settings.alpha, str):
+        return settings.alpha
+    if settings.alpha is not None and settings.norm == "Linf":
+        return f"{settings.alpha * 255:.4g}/255"
+    return f"eps/{settings.steps / 2.5:g}"
 
 
 def _convergence_gap(subset: _Subset, eps: float, pgd: _PGDResults,

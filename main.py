@@ -34,9 +34,9 @@ from outcomes import gather_outcomes, per_sample_arrays
 from report import Report, library_versions, refuse_earlier_sweep
 from splitdata import load_split
 from sweep import WORST_CASE_RULE, SweepSpec, run_split
-from utils import (PRECISIONS, ArgumentParser, CheckpointError, DataError, ToolError, UsageError, check_number,
-                   check_seed, parse_fraction, peak_memory_mb, resolve_device, resolve_precision, run_cli,
-                   seed_everything)
+from utils import (DEFAULT_STEP_RULE, PRECISIONS, ArgumentParser, CheckpointError, DataError, ToolError,
+                   UsageError, check_number, check_seed, parse_fraction, parse_step_size, peak_memory_mb,
+                   resolve_device, resolve_precision, run_cli, seed_everything, step_size)
 
 TASKS = ("classification", "segmentation")
 DEFAULT_EPS = ("0", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255", "128/255")
@@ -61,7 +61,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help=f"perturbation budgets, e.g. 0 8/255 0.03; default L-inf {' '.join(DEFAULT_EPS)}, "
                              f"L2 {' '.join(DEFAULT_L2_EPS)}")
     parser.add_argument("--steps", type=int, default=10, help="attack iterations (Square: queries)")
-    parser.add_argument("--alpha", type=float, default=None, help="step size; default 2.5*eps/steps")
+    parser.add_argument("--alpha", type=parse_step_size, default=None,
+                        help="step size: a number (0.01, 2/255) or a fraction of each eps (eps/4); "
+                             "default 2.5*eps/steps")
     parser.add_argument("--random-start", action="store_true")
     parser.add_argument("--targeted", action="store_true")
     parser.add_argument("--target-class", type=int, default=None,
@@ -174,7 +176,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.eps_list is None:
         args.eps_list = list(DEFAULT_EPS if args.norm == "Linf" else DEFAULT_L2_EPS)
     args.eps_values = parse_eps_list(args.eps_list, args.norm)
-    check_number("--alpha", args.alpha, low=0, low_open=True)
     check_number("--max-memory", args.max_memory, low=0)
     check_seed(args.seed)
     checks = [
@@ -245,7 +246,7 @@ def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
 
 
 def alpha_for(args: argparse.Namespace, eps: float) -> float:
-    return args.alpha if args.alpha is not None else 2.5 * eps / args.steps
+    return step_size(args.alpha, eps, args.steps)
 
 
 def seeded_per_sample(args: argparse.Namespace, model: nn.Module, num_classes: int) -> dict[str, bool]:
@@ -265,7 +266,7 @@ def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, engine:
     precision = str(engine.autocast or torch.float32).replace("torch.", "")
     return {
         "task": args.task, "attack": args.attack, "attacks": list(args.attacks), "norm": args.norm,
-        "steps": args.steps, "alpha": args.alpha if args.alpha is not None else "2.5*eps/steps",
+        "steps": args.steps, "alpha": args.alpha if args.alpha is not None else DEFAULT_STEP_RULE,
         "random_start": args.random_start, "targeted": args.targeted,
         "target_class": args.target_class, "target_map": args.target_map,
         "seed": args.seed, "data": args.data, "limit": args.limit,

@@ -194,6 +194,37 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+#: The default PGD step rule, as results.json records it.
+DEFAULT_STEP_RULE = "2.5*eps/steps"
+
+
+def parse_step_size(text: str) -> float | str | None:
+    """``--alpha`` and ``--adv-alpha`` (an argparse ``type``): a step in pixel units ('0.01',
+    '2/255'), the same at every eps; a fraction of each eps ('eps/4', kept as that text so
+    results record the rule); or the default rule ('2.5*eps/steps', returned as None)."""
+    compact = text.replace(" ", "")
+    if compact == DEFAULT_STEP_RULE:
+        return None
+    try:
+        value = float(compact[4:]) if compact.startswith("eps/") else parse_fraction(compact)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a step size; write a number (0.01 or 2/255, the same at every eps) or a "
+            f"fraction of each eps (eps/4)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return f"eps/{value:.10g}" if compact.startswith("eps/") else value
+
+
+def step_size(alpha: float | str | None, eps: float, steps: int) -> float:
+    """The PGD step at ``eps`` under a ``parse_step_size`` rule (None: 2.5 * eps / steps)."""
+    if alpha is None:
+        return 2.5 * eps / steps
+    if isinstance(alpha, str):
+        return eps / float(alpha.removeprefix("eps/"))
+    return alpha
+
+
 def eps_text(eps: float, norm: str) -> str:
     """An eps as tables and figures show it: x/255 for L-inf budgets, a plain number for L2."""
     return f"{eps * 255:.3g}/255" if norm == "Linf" else f"{eps:.3g}"

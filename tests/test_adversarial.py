@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import train as train_cli
-from adversarial import AdvSettings, adversarial_batch, trades_loss
+from adversarial import AdvSettings, adversarial_batch, adversarial_settings, trades_loss
 from checkpoint import load_checkpoint
 from run_folder import best_metric_key, best_row
 from utils import CheckpointError, run_cli
@@ -77,6 +77,19 @@ def test_eps_is_parsed_as_a_fraction_and_alpha_defaults_to_2_5_eps_over_steps():
     assert args.adv_eps == pytest.approx(8 / 255)
     assert AdvSettings(eps=8 / 255, steps=4).alpha_for(8 / 255) == pytest.approx(2.5 * 8 / 255 / 4)
     assert AdvSettings(eps=8 / 255, steps=4, alpha=0.01).alpha_for(2 / 255) == 0.01
+
+
+def test_adv_alpha_takes_a_fixed_step_or_a_fraction_of_the_ramped_eps():
+    """--adv-alpha 2/255 is one step at every eps; eps/4 follows the warm-up's eps, as the
+    default rule does."""
+    parser = train_cli.get_args_parser()
+    fixed = parser.parse_args(["--adv", "pgd", "--adv-alpha", "2/255"])
+    assert adversarial_settings(fixed).alpha_for(1 / 255) == pytest.approx(2 / 255)
+    relative = parser.parse_args(["--adv", "pgd", "--adv-alpha", "eps/4", "--adv-warmup-epochs", "2"])
+    settings = adversarial_settings(relative)
+    assert relative.adv_alpha == "eps/4"
+    assert settings.alpha_for(settings.eps_at(0, 0, 4)) == pytest.approx(settings.eps / 8 / 4)
+    assert settings.alpha_for(settings.eps) == pytest.approx(4 / 255 / 4)
 
 
 def test_warm_up_ramps_eps_linearly_from_zero():

@@ -11,6 +11,7 @@ from checks import (CheckSettings, _PGDResults, _Subset, check_converged, check_
 from engine import Engine
 from splitdata import TensorSplit
 from sweep import SweepSpec, run_split
+from utils import parse_step_size, step_size
 from test_attacks import CLASS_NAMES, SEG_NAMES, segmentation_images, separable_images, tiny_classifier, \
     tiny_segmenter, train
 
@@ -292,8 +293,35 @@ def test_converged_keeps_the_sweeps_step_and_reports_the_worse_of_two_eps_for_se
     assert longer == [(4 / 255, 20, pytest.approx(2.5 * 4 / 255 / 4)), (16 / 255, 20, pytest.approx(2.5 * 16 / 255 / 4))]
     assert check.status == "WARN" and check.value == pytest.approx(1.0)
     assert "at eps 16/255 (worst of 4/255, 16/255)" in check.detail
-    assert check.detail.endswith(f"sweep again with --steps 20 --alpha {2.5 * 16 / 255 / 4:.4g} (the step it used at "
-                                 "16/255)")
+    assert check.detail.endswith("sweep again with --steps 20 --alpha eps/1.6")
+
+
+@pytest.mark.parametrize("alpha, norm, flag", [
+    pytest.param(None, "Linf", "eps/4", id="default-rule"),
+    pytest.param("eps/8", "Linf", "eps/8", id="fraction-of-eps"),
+    pytest.param(2 / 255, "Linf", "2/255", id="fixed-step"),
+    pytest.param(0.5, "L2", "eps/4", id="l2-sweep"),
+])
+def test_converged_advice_names_one_alpha_that_keeps_the_sweeps_step_at_every_eps(monkeypatch, alpha, norm, flag):
+    """The rerun is one sweep over every eps: --alpha eps/4 is PGD-10's default step at each
+    eps (an L2 sweep's checks use the default rule in L-inf), and a fixed --alpha stays fixed."""
+    images, masks = segmentation_images(n=4, seed=6)
+    settings = CheckSettings(task="segmentation", class_names=SEG_NAMES, eps_list=EPS, norm=norm, steps=10,
+                             alpha=alpha, limit=4)
+    subset = _Subset(tiny_segmenter().eval(), TensorSplit(images, masks), settings, Engine(batch_size=4), "test",
+                     list(range(4)))
+    steps_taken = []
+
+    def attacked_pred(name, eps, *, steps=None, random_start=None, tag="", only=None, scaled_step=False, alpha=None):
+        if tag == "x5":
+            steps_taken.append(alpha)
+        return (subset.labels + 1) % 3 if tag == "x5" else subset.labels.clone()
+
+    monkeypatch.setattr(subset, "attacked_pred", attacked_pred)
+    check = check_converged(subset, [8 / 255], _PGDResults(subset, None, settings))
+    assert check.detail.endswith(f"sweep again with --steps 50 --alpha {flag}")
+    rerun_alpha = parse_step_size(flag)
+    assert steps_taken == [pytest.approx(step_size(rerun_alpha, 8 / 255, 50))], "the advice reproduces the step"
 
 
 class _FirstInputs(nn.Module):

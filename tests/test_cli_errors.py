@@ -65,6 +65,8 @@ SWEEP_USAGE = [
     pytest.param(["--steps", "-3"], ["--steps", "-3"], id="steps-negative"),
     pytest.param(["--alpha", "0"], ["--alpha", "> 0"], id="alpha-0"),
     pytest.param(["--alpha", "-0.01"], ["--alpha", "-0.01"], id="alpha-negative"),
+    pytest.param(["--alpha", "eps4"], ["--alpha", "'eps4'", "eps/4", "2/255"], id="alpha-unparsable"),
+    pytest.param(["--alpha", "eps/0"], ["--alpha", "> 0", "eps/0"], id="alpha-eps-over-0"),
     pytest.param(["--batch-size", "0"], ["--batch-size", ">= 1"], id="batch-size-0"),
     pytest.param(["--steps", "x"], ["--steps", "'x'"], id="steps-not-int"),
     pytest.param(["--device", "tpu"], ["--device", "'tpu'"], id="device-unknown"),
@@ -82,6 +84,7 @@ TRAIN_USAGE = [
     pytest.param(["--opt", "adam"], ["--opt", "'adam'", "adamw", "sgd"], id="opt"),
     pytest.param(["--batch-size", "0"], ["--batch-size", "at least 1"], id="batch-size-0"),
     pytest.param(["--batch-size", "-4"], ["--batch-size", "-4"], id="batch-size-negative"),
+    pytest.param(["--adv-alpha", "1/0"], ["--adv-alpha", "'1/0'", "eps/4"], id="adv-alpha-unparsable"),
     pytest.param(["--device", "cuda"], ["--device cuda", "CUDA is not available", "--device cpu"],
                  id="device-cuda-without-cuda", marks=NO_CUDA),
 ]

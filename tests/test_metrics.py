@@ -1,4 +1,5 @@
 """Metrics against hand-computed cases and an independent (set-based, per-class loop) computation."""
+import argparse
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 from files import atomic_write_json
 from utils import (ConfusionMatrix, classification_metrics, confusion_matrix, eps_text, parse_fraction,
-                   segmentation_metrics)
+                   parse_step_size, segmentation_metrics, step_size)
 
 CLASSES = ["a", "b", "c"]
 
@@ -118,6 +119,28 @@ def test_eps_text_reads_back_as_the_eps(eps, norm, text):
 def test_parse_fraction_rejects_junk(text):
     with pytest.raises((ValueError, ZeroDivisionError)):
         parse_fraction(text)
+
+
+@pytest.mark.parametrize("text,rule,step_at_8", [
+    ("0.01", 0.01, 0.01), ("2/255", 2 / 255, 2 / 255), ("eps/4", "eps/4", 2 / 255), (" eps / 2.5 ", "eps/2.5", 3.2 / 255),
+    ("2.5*eps/steps", None, 2.5 * 8 / 255 / 10),
+])
+def test_step_size_rules(text, rule, step_at_8):
+    """A fixed step, a fraction of each eps, or the default rule (written as results.json records it)."""
+    assert parse_step_size(text) == rule
+    assert step_size(parse_step_size(text), 8 / 255, 10) == pytest.approx(step_at_8, rel=1e-12)
+
+
+def test_a_fraction_of_eps_gives_exactly_the_fixed_step_at_each_eps():
+    """eps/4 at 4/255 and 8/255 is bit for bit --alpha 1/255 and 2/255 (the 50-step reruns)."""
+    assert step_size("eps/4", 4 / 255, 50) == parse_step_size("1/255")
+    assert step_size("eps/4", 8 / 255, 50) == parse_step_size("2/255")
+
+
+@pytest.mark.parametrize("text", ["abc", "eps", "eps/", "eps/0", "eps/-4", "0", "-1/255", "nan", "inf", "1/0", "4*eps"])
+def test_bad_step_sizes_are_rejected(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_step_size(text)
 
 
 def test_undefined_scores_are_written_as_json_null(tmp_path):

@@ -103,6 +103,32 @@ def test_per_sample_outcomes_give_every_rows_accuracy(tmp_path, capsys, make_cla
                 assert np.mean(wrong_eps > row["eps"]) == pytest.approx(row["accuracy"], abs=1e-12)
 
 
+def test_alpha_as_a_fraction_of_eps_sets_each_eps_step_and_is_recorded(tmp_path, capsys, monkeypatch,
+                                                                      make_classification_data):
+    """--alpha eps/4 keeps PGD-10's default step at every eps in one sweep whatever --steps is
+    (check d's rerun advice), and results.json records the rule, not one eps's number."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "cls.pt", "classification", make_classification_data())
+    built = []
+    real_build = sweep_cli.build_attack
+
+    def recording_build(name, model, eps, **kwargs):
+        built.append((name, eps, kwargs["steps"], kwargs["alpha"]))
+        return real_build(name, model, eps, **kwargs)
+
+    monkeypatch.setattr(sweep_cli, "build_attack", recording_build)
+    out = tmp_path / "out"
+    rc, lines = _run(sweep_cli, ["--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+                                 "--eps-list", "0", "2/255", "8/255", "--steps", "3", "--alpha", "eps/4",
+                                 "--no-checks"], capsys)
+    assert rc == 0, lines
+    attacked = {(eps, steps, alpha) for name, eps, steps, alpha in built if name == "pgd" and eps > 0}
+    assert attacked >= {(2 / 255, 3, 0.5 / 255), (8 / 255, 3, 2 / 255)}
+    assert all(alpha == eps / 4 for eps, _, alpha in attacked)
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["alpha"] == "eps/4"
+    assert "alpha eps/4" in (out / "report.md").read_text()
+
+
 def test_a_sweep_names_test_images_that_copy_training_images(tmp_path, capsys, make_classification_data):
     from test_dataset import _distinct_images
 
