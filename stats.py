@@ -162,15 +162,19 @@ def mcnemar_mid_p(only_first: int, only_second: int) -> float:
     its p-value can exceed 0.05 where Newcombe's interval already excludes 0. The mid-p value
     counts the observed split at half weight; Fagerland, Lydersen and Laake (BMC Medical Research
     Methodology 2013; 13: 91) recommend it. Summed in exact integers, since the counts are often
-    in single digits, where the chi-squared approximation is poor.
+    in single digits, where the chi-squared approximation is poor. Each binomial coefficient comes
+    from the one before it, so 10,000 discordant samples cost milliseconds, not seconds.
     """
     if only_first < 0 or only_second < 0:
         raise ValueError(f"discordant counts must be non-negative, got {only_first} and {only_second}")
     n, k = only_first + only_second, min(only_first, only_second)
     if n == 0:
         return 1.0
-    below = sum(math.comb(n, i) for i in range(k))
-    return min(1.0, (2 * below + math.comb(n, k)) / 2**n)
+    below, term = 0, 1
+    for i in range(k):
+        below += term
+        term = term * (n - i) // (i + 1)
+    return min(1.0, (2 * below + term) / 2**n)
 
 
 def paired_difference_interval(both: int, only_first: int, only_second: int, neither: int,

@@ -105,6 +105,19 @@ def test_mcnemar_mid_p_is_scipys_exact_test_less_the_observed_point():
         mcnemar_mid_p(-1, 3)
 
 
+@pytest.mark.parametrize("only_first, only_second", [(0, 1), (2, 2), (5, 13), (4950, 5050), (4800, 5200)])
+def test_mcnemar_mid_p_matches_the_binomial_sum_in_floats(only_first, only_second):
+    """Against an independent sum of Binomial(n, 1/2) probabilities from log-gamma, up to the
+    10,000 discordant samples a Raabin-sized test split can hold."""
+    n, k = only_first + only_second, min(only_first, only_second)
+
+    def pmf(i: int) -> float:
+        return math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2))
+
+    expected = min(1.0, 2 * math.fsum(pmf(i) for i in range(k)) + pmf(k))
+    assert mcnemar_mid_p(only_first, only_second) == pytest.approx(expected, rel=1e-8, abs=1e-300)
+
+
 def test_paired_interval_hand_cases():
     """Both right everywhere: phi is undefined (0) and the interval is the two Wilson half-widths,
     45 / (45 + z^2) = 0.92135 apart from 1, to either side of 0."""
