@@ -69,7 +69,7 @@ def add_adversarial_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adv", default="none", choices=ADV_KINDS, help="none, pgd (PGD-AT) or trades")
     group.add_argument("--adv-eps", default="4/255", help="L-inf training budget in [0, 1], e.g. 4/255")
     group.add_argument("--adv-steps", default=7, type=int, help="inner attack steps")
-    group.add_argument("--adv-alpha", default=None, type=parse_step_size,
+    group.add_argument("--adv-alpha", default=None,
                        help="inner step size: a number (0.01, 2/255) or a fraction of each eps (eps/4); "
                             "default 2.5*eps/steps")
     group.add_argument("--adv-warmup-epochs", default=0, type=int, help="epochs over which eps ramps up from 0")
@@ -98,7 +98,8 @@ def adversarial_settings(args: argparse.Namespace) -> AdvSettings:
         raise UsageError("--adv trades is a classification method; use --adv pgd for segmentation")
     if args.adv_attack == "segpgd" and args.task != "segmentation":
         raise UsageError("--adv-attack segpgd needs --task segmentation; classification uses pgd")
-    return AdvSettings(kind=args.adv, eps=eps, steps=args.adv_steps, alpha=args.adv_alpha,
+    alpha = parse_step_size("--adv-alpha", args.adv_alpha)
+    return AdvSettings(kind=args.adv, eps=eps, steps=args.adv_steps, alpha=alpha,
                        warmup_epochs=args.adv_warmup_epochs, beta=args.trades_beta, attack=args.adv_attack,
                        val_limit=args.adv_val_limit)
 

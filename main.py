@@ -61,7 +61,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help=f"perturbation budgets, e.g. 0 8/255 0.03; default L-inf {' '.join(DEFAULT_EPS)}, "
                              f"L2 {' '.join(DEFAULT_L2_EPS)}")
     parser.add_argument("--steps", type=int, default=10, help="attack iterations (Square: queries)")
-    parser.add_argument("--alpha", type=parse_step_size, default=None,
+    parser.add_argument("--alpha", default=None,
                         help="step size: a number (0.01, 2/255) or a fraction of each eps (eps/4); "
                              "default 2.5*eps/steps")
     parser.add_argument("--random-start", action="store_true")
@@ -176,6 +176,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.eps_list is None:
         args.eps_list = list(DEFAULT_EPS if args.norm == "Linf" else DEFAULT_L2_EPS)
     args.eps_values = parse_eps_list(args.eps_list, args.norm)
+    args.alpha = parse_step_size("--alpha", args.alpha)
     check_number("--max-memory", args.max_memory, low=0)
     check_seed(args.seed)
     checks = [

@@ -136,7 +136,8 @@ def validate_args(args: argparse.Namespace) -> None:
         check_number("--std", value, low=0, low_open=True)
     check_seed(args.seed)
     check_seed(args.split_seed, "--split-seed")
-    args.adv_eps = adversarial_settings(args).eps
+    adv = adversarial_settings(args)
+    args.adv_eps, args.adv_alpha = adv.eps, adv.alpha
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it; pass only one")
     if args.batch_size == 1 and smallest_batchnorm_area(args.task, args.depth, args.image_size) == 1:

@@ -198,26 +198,33 @@ def parse_fraction(text: str) -> float:
 DEFAULT_STEP_RULE = "2.5*eps/steps"
 
 
-def parse_step_size(text: str) -> float | str | None:
-    """``--alpha`` and ``--adv-alpha`` (an argparse ``type``): a step in pixel units ('0.01',
-    '2/255'), the same at every eps; a fraction of each eps ('eps/4', kept as that text so
-    results record the rule); or the default rule ('2.5*eps/steps', returned as None)."""
+def parse_step_size(flag: str, value: str | float | None) -> float | str | None:
+    """``--alpha`` or ``--adv-alpha``: a step in pixel units ('0.01', '2/255'), the same at every
+    eps; a fraction of each eps ('eps/4', kept as that text so results record the rule); or the
+    default rule (None, or its own text '2.5*eps/steps'). A parsed value parses to itself."""
+    if value is None:
+        return None
+    text = str(value)
     compact = text.replace(" ", "")
     if compact == DEFAULT_STEP_RULE:
         return None
+    per_eps = compact.startswith("eps/")
     try:
-        value = float(compact[4:]) if compact.startswith("eps/") else parse_fraction(compact)
+        if per_eps:
+            number = float(compact[4:])
+        else:
+            num, sep, den = compact.partition("/")
+            number = float(num) / float(den) if sep else float(num)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a step size; write a number (0.01 or 2/255, the same at every eps) or a "
-            f"fraction of each eps (eps/4)") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return f"eps/{value:.10g}" if compact.startswith("eps/") else value
+        raise UsageError(f"{flag} {text!r} is not a step size; write a number (0.01 or 2/255, the same at every "
+                         f"eps) or a fraction of each eps (eps/4)") from None
+    if not (math.isfinite(number) and number > 0):
+        raise UsageError(f"{flag} must be a finite number > 0, got {text}")
+    return f"eps/{number:.10g}" if per_eps else number
 
 
 def step_size(alpha: float | str | None, eps: float, steps: int) -> float:
-    """The PGD step at ``eps`` under a ``parse_step_size`` rule (None: 2.5 * eps / steps)."""
+    """The PGD step at ``eps`` under a parsed ``--alpha`` (None: 2.5 * eps / steps)."""
     if alpha is None:
         return 2.5 * eps / steps
     if isinstance(alpha, str):

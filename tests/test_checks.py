@@ -320,7 +320,7 @@ def test_converged_advice_names_one_alpha_that_keeps_the_sweeps_step_at_every_ep
     monkeypatch.setattr(subset, "attacked_pred", attacked_pred)
     check = check_converged(subset, [8 / 255], _PGDResults(subset, None, settings))
     assert check.detail.endswith(f"sweep again with --steps 50 --alpha {flag}")
-    rerun_alpha = parse_step_size(flag)
+    rerun_alpha = parse_step_size("--alpha", flag)
     assert steps_taken == [pytest.approx(step_size(rerun_alpha, 8 / 255, 50))], "the advice reproduces the step"
 
 

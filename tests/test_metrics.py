@@ -1,5 +1,4 @@
 """Metrics against hand-computed cases and an independent (set-based, per-class loop) computation."""
-import argparse
 import math
 
 import numpy as np
@@ -7,8 +6,8 @@ import pytest
 import torch
 
 from files import atomic_write_json
-from utils import (ConfusionMatrix, classification_metrics, confusion_matrix, eps_text, parse_fraction,
-                   parse_step_size, segmentation_metrics, step_size)
+from utils import (ConfusionMatrix, UsageError, classification_metrics, confusion_matrix, eps_text,
+                   parse_fraction, parse_step_size, segmentation_metrics, step_size)
 
 CLASSES = ["a", "b", "c"]
 
@@ -127,20 +126,21 @@ def test_parse_fraction_rejects_junk(text):
 ])
 def test_step_size_rules(text, rule, step_at_8):
     """A fixed step, a fraction of each eps, or the default rule (written as results.json records it)."""
-    assert parse_step_size(text) == rule
-    assert step_size(parse_step_size(text), 8 / 255, 10) == pytest.approx(step_at_8, rel=1e-12)
+    assert parse_step_size("--alpha", text) == rule
+    assert parse_step_size("--alpha", rule) == rule, "a parsed value parses to itself"
+    assert step_size(parse_step_size("--alpha", text), 8 / 255, 10) == pytest.approx(step_at_8, rel=1e-12)
 
 
 def test_a_fraction_of_eps_gives_exactly_the_fixed_step_at_each_eps():
     """eps/4 at 4/255 and 8/255 is bit for bit --alpha 1/255 and 2/255 (the 50-step reruns)."""
-    assert step_size("eps/4", 4 / 255, 50) == parse_step_size("1/255")
-    assert step_size("eps/4", 8 / 255, 50) == parse_step_size("2/255")
+    assert step_size("eps/4", 4 / 255, 50) == parse_step_size("--alpha", "1/255")
+    assert step_size("eps/4", 8 / 255, 50) == parse_step_size("--alpha", "2/255")
 
 
 @pytest.mark.parametrize("text", ["abc", "eps", "eps/", "eps/0", "eps/-4", "0", "-1/255", "nan", "inf", "1/0", "4*eps"])
 def test_bad_step_sizes_are_rejected(text):
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_step_size(text)
+    with pytest.raises(UsageError, match="--adv-alpha"):
+        parse_step_size("--adv-alpha", text)
 
 
 def test_undefined_scores_are_written_as_json_null(tmp_path):
