@@ -180,7 +180,7 @@ def robust_confusion(model: nn.Module, source: SplitSource, task: str, num_class
     classification = task == "classification"
     todo = torch.nonzero(pred == targets).flatten() if classification else torch.arange(len(source))
     if eps > 0 and len(todo):
-        atk = build_attack("pgd", model, eps, steps=ROBUST_VAL_STEPS, alpha=2.5 * eps / ROBUST_VAL_STEPS,
+        atk = build_attack("pgd", model, eps, steps=ROBUST_VAL_STEPS, alpha=step_size(None, eps, ROBUST_VAL_STEPS),
                            num_classes=num_classes)
         pred[todo] = predictions_under_attack(model, source, todo, atk, engine, classification=classification)
     return confusion_matrix(targets, pred, num_classes)

@@ -153,7 +153,7 @@ class _Subset:
         s = self.settings
         steps = steps or s.steps
         if alpha is None:
-            alpha = 2.5 * eps / steps if scaled_step else self.sweep_step(eps, steps)
+            alpha = step_size(None, eps, steps) if scaled_step else self.sweep_step(eps, steps)
         atk = build_attack(name, self.model, eps, steps=steps, alpha=alpha, num_classes=len(s.class_names),
                            random_start=s.random_start if random_start is None else random_start, seed=s.seed)
         chosen = torch.ones(len(self.source), dtype=torch.bool) if only is None else only

@@ -121,7 +121,8 @@ def test_parse_fraction_rejects_junk(text):
 
 
 @pytest.mark.parametrize("text,rule,step_at_8", [
-    ("0.01", 0.01, 0.01), ("2/255", 2 / 255, 2 / 255), ("eps/4", "eps/4", 2 / 255), (" eps / 2.5 ", "eps/2.5", 3.2 / 255),
+    ("0.01", 0.01, 0.01), ("2/255", 2 / 255, 2 / 255), ("eps/4", "eps/4", 2 / 255),
+    (" eps / 2.5 ", "eps/2.5", 3.2 / 255),
     ("2.5*eps/steps", None, 2.5 * 8 / 255 / 10),
 ])
 def test_step_size_rules(text, rule, step_at_8):
