@@ -210,14 +210,10 @@ def parse_step_size(flag: str, value: str | float | None) -> float | str | None:
         return None
     per_eps = compact.startswith("eps/")
     try:
-        if per_eps:
-            number = float(compact[4:])
-        else:
-            num, sep, den = compact.partition("/")
-            number = float(num) / float(den) if sep else float(num)
+        number = float(compact[4:]) if per_eps else parse_fraction(compact)
     except (ValueError, ZeroDivisionError):
-        raise UsageError(f"{flag} {text!r} is not a step size; write a number (0.01 or 2/255, the same at every "
-                         f"eps) or a fraction of each eps (eps/4)") from None
+        raise UsageError(f"{flag} {text!r} is not a finite step size; write a number (0.01 or 2/255, the same at "
+                         f"every eps) or a fraction of each eps (eps/4)") from None
     if not (math.isfinite(number) and number > 0):
         raise UsageError(f"{flag} must be a finite number > 0, got {text}")
     return f"eps/{number:.10g}" if per_eps else number
