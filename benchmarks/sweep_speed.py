@@ -35,7 +35,8 @@ from dataset import build_splits, make_loader  # noqa: E402
 from engine import Engine, prepare_model  # noqa: E402
 from splitdata import load_split  # noqa: E402
 from sweep import SweepSpec, run_split  # noqa: E402
-from utils import ConfusionMatrix, compute_metrics, parse_fraction, primary_metric, resolve_precision  # noqa: E402
+from utils import (ConfusionMatrix, compute_metrics, cpu_has_native_bf16, parse_fraction, primary_metric,  # noqa: E402
+                   resolve_precision)
 
 DEFAULT_EPS = {"classification": "0 2/255 4/255 8/255 16/255 32/255 64/255 128/255",
                "segmentation": "0 2/255 4/255 8/255 16/255 32/255"}
@@ -170,6 +171,8 @@ def default_engine(ckpt, datasets, task, class_names, eps_list, args, device) ->
 
 
 def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model with ``-bf16`` where it has native bf16 (models of one
+    name differ in it, and with it in the engine's ``--precision auto``), and the thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).lower().replace(" ", "-")
     cpu = platform.processor() or platform.machine()
@@ -179,7 +182,7 @@ def machine_name(device: torch.device) -> str:
         cpu = model.lower().replace(" ", "-")
     except (OSError, StopIteration):
         pass
-    return f"{cpu}-{torch.get_num_threads()}threads"
+    return f"{cpu}{'-bf16' if cpu_has_native_bf16() else ''}-{torch.get_num_threads()}threads"
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -203,8 +206,9 @@ def main(args: argparse.Namespace) -> dict:
     fast, fast_peak, fast_growth = measure_memory(
         lambda: default_engine(ckpt, datasets, task, class_names, eps_list, args, device))
 
+    precision = str(resolve_precision(args.precision, device) or torch.float32).removeprefix("torch.")
     print(f"{task} on {', '.join(f'{s} ({len(d)})' for s, d in datasets.items())}, PGD-{args.steps}, "
-          f"{machine_name(device)}")
+          f"{machine_name(device)}, engine in {precision}")
     print(f"{'eps':>8} | {'loop metric':>22} | {'engine metric':>22} | {'loop s':>8} | {'engine s':>8} | ratio")
     for a, b in zip(loop, fast):
         metrics = lambda row: " ".join(f"{row['metric'][s]:.3f}" for s in args.splits)  # noqa: E731
@@ -214,7 +218,8 @@ def main(args: argparse.Namespace) -> dict:
     print(f"total: loop {total_loop:.1f} s, engine {total_fast:.1f} s, ratio {total_loop / total_fast:.2f}x; "
           f"peak RSS loop {loop_peak:.0f} MB, engine {fast_peak:.0f} MB; growth over each side's start "
           f"loop {loop_growth:.0f} MB, engine {fast_growth:.0f} MB")
-    result = {"task": task, "machine": machine_name(device), "device": str(device), "steps": args.steps,
+    result = {"task": task, "machine": machine_name(device), "device": str(device), "engine_precision": precision,
+              "steps": args.steps,
               "batch_size": args.batch_size, "checkpoint": str(args.checkpoint),
               "splits": {s: len(d) for s, d in datasets.items()}, "torch": torch.__version__,
               "loop": loop, "engine": fast, "total_loop_s": total_loop, "total_engine_s": total_fast,
