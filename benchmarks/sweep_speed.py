@@ -143,10 +143,10 @@ def original_loop(ckpt, datasets, task, class_names, eps_list, args, device) -> 
 
 
 # --------------------------------------------------------------------------- (b) the engine
-def default_engine(ckpt, datasets, task, class_names, eps_list, args, device) -> list[dict]:
+def default_engine(ckpt, datasets, task, class_names, eps_list, args, device, autocast) -> list[dict]:
     """main.py's default: in-memory splits, fast engine, channels_last, folded batch norms, auto precision."""
     engine = Engine(kind="fast", device=device, batch_size=args.batch_size,
-                    autocast=resolve_precision(args.precision, device), memory_format=torch.channels_last,
+                    autocast=autocast, memory_format=torch.channels_last,
                     fold_batchnorm=not args.no_fold_batchnorm)
     model = prepare_model(model_from_checkpoint(ckpt, device), engine)
     spec = SweepSpec(task=task, class_names=class_names, eps_list=eps_list)
@@ -187,6 +187,8 @@ def machine_name(device: torch.device) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
+    autocast = resolve_precision(args.precision, device)  # a bad --precision fails before the loop runs
+    precision = str(autocast or torch.float32).removeprefix("torch.")
     ckpt = load_checkpoint(args.checkpoint)
     task, class_names = ckpt["task"], list(ckpt["class_names"])
     train_args = ckpt.get("args") or {}
@@ -204,9 +206,8 @@ def main(args: argparse.Namespace) -> dict:
     loop, loop_peak, loop_growth = measure_memory(
         lambda: original_loop(ckpt, datasets, task, class_names, eps_list, args, device))
     fast, fast_peak, fast_growth = measure_memory(
-        lambda: default_engine(ckpt, datasets, task, class_names, eps_list, args, device))
+        lambda: default_engine(ckpt, datasets, task, class_names, eps_list, args, device, autocast))
 
-    precision = str(resolve_precision(args.precision, device) or torch.float32).removeprefix("torch.")
     print(f"{task} on {', '.join(f'{s} ({len(d)})' for s, d in datasets.items())}, PGD-{args.steps}, "
           f"{machine_name(device)}, engine in {precision}")
     print(f"{'eps':>8} | {'loop metric':>22} | {'engine metric':>22} | {'loop s':>8} | {'engine s':>8} | ratio")
