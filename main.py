@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from report import Report, library_versions, refuse_earlier_sweep
 from splitdata import load_split
 from sweep import WORST_CASE_RULE, SweepSpec, run_split
 from utils import (DEFAULT_STEP_RULE, PRECISIONS, ArgumentParser, CheckpointError, DataError, ToolError,
-                   UsageError, check_number, check_seed, parse_fraction, parse_step_size, peak_memory_mb,
+                   UsageError, check_number, check_seed, parse_eps_list, parse_step_size, peak_memory_mb,
                    resolve_device, resolve_precision, run_cli, seed_everything, step_size)
 
 TASKS = ("classification", "segmentation")
@@ -104,25 +104,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "(default Comparison/) and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
-
-
-def parse_eps_list(texts: Sequence[str], norm: str = "Linf") -> list[float]:
-    """Parse, check, sort and deduplicate ``--eps-list`` values.
-
-    L-inf budgets live in [0, 1] (images are in [0, 1]); an L2 budget is a norm over all
-    3*H*W pixels, so it may exceed 1.
-    """
-    values = set()
-    for text in texts:
-        try:
-            value = parse_fraction(text)
-        except (ValueError, ZeroDivisionError):
-            raise UsageError(f"--eps-list value {text!r} is not a number; write e.g. 8/255 or 0.03") from None
-        if value < 0 or (norm == "Linf" and value > 1):
-            raise UsageError(f"--eps-list value {text!r} is outside [0, 1]; L-inf budgets are in pixel "
-                             "units of [0, 1] images, e.g. 8/255")
-        values.add(value)
-    return sorted(values)
 
 
 def parse_target_map(text: str | None, num_classes: int) -> list[int]:

@@ -194,6 +194,25 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def parse_eps_list(texts: Sequence[str], norm: str = "Linf") -> list[float]:
+    """Parse, check, sort and deduplicate ``--eps-list`` values.
+
+    L-inf budgets live in [0, 1] (images are in [0, 1]); an L2 budget is a norm over all
+    3*H*W pixels, so it may exceed 1.
+    """
+    values = set()
+    for text in texts:
+        try:
+            value = parse_fraction(text)
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"--eps-list value {text!r} is not a number; write e.g. 8/255 or 0.03") from None
+        if value < 0 or (norm == "Linf" and value > 1):
+            raise UsageError(f"--eps-list value {text!r} is outside [0, 1]; L-inf budgets are in pixel "
+                             "units of [0, 1] images, e.g. 8/255")
+        values.add(value)
+    return sorted(values)
+
+
 #: The default PGD step rule, as results.json records it.
 DEFAULT_STEP_RULE = "2.5*eps/steps"
 

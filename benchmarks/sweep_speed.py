@@ -35,25 +35,26 @@ from dataset import build_splits, make_loader  # noqa: E402
 from engine import Engine, prepare_model  # noqa: E402
 from splitdata import load_split  # noqa: E402
 from sweep import SweepSpec, run_split  # noqa: E402
-from utils import (ConfusionMatrix, compute_metrics, cpu_has_native_bf16, parse_fraction, primary_metric,  # noqa: E402
-                   resolve_precision)
+from utils import (ArgumentParser, ConfusionMatrix, UsageError, compute_metrics, cpu_has_native_bf16,  # noqa: E402
+                   parse_eps_list, primary_metric, resolve_device, resolve_precision, run_cli)
 
 DEFAULT_EPS = {"classification": "0 2/255 4/255 8/255 16/255 32/255 64/255 128/255",
                "segmentation": "0 2/255 4/255 8/255 16/255 32/255"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", default=None, help="default: the checkpoint's data")
     parser.add_argument("--eps-list", nargs="+", default=None, help="default: main.py's 8 (classification) or 6")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--splits", nargs="+", default=["val", "test"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--no-fold-batchnorm", action="store_true", help="run the engine as main.py --no-fold-batchnorm")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>-<task>.json")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -186,13 +187,16 @@ def machine_name(device: torch.device) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    device = resolve_device(args.device)
     autocast = resolve_precision(args.precision, device)  # a bad --precision fails before the loop runs
     precision = str(autocast or torch.float32).removeprefix("torch.")
     ckpt = load_checkpoint(args.checkpoint)
     task, class_names = ckpt["task"], list(ckpt["class_names"])
     train_args = ckpt.get("args") or {}
-    eps_list = sorted({parse_fraction(e) for e in (args.eps_list or DEFAULT_EPS[task].split())})
+    eps_list = parse_eps_list(args.eps_list or DEFAULT_EPS[task].split())
     datasets = build_splits(task, args.data or train_args.get("data"), train_args.get("val_data"),
                             train_args.get("test_data"), image_size=ckpt["image_size"], seed=split_seed(train_args),
                             skip_missing_masks=bool(train_args.get("skip_missing_masks", False)))
@@ -234,4 +238,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_cli(main, get_args_parser().parse_args()))

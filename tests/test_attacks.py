@@ -9,10 +9,10 @@ import torchattacks
 from torch import nn
 from attacks import ATTACKS, build_attack
 from engine import Engine, perturbation_norms
-from main import get_args_parser, parse_eps_list, parse_target_map, validate_args
+from main import get_args_parser, parse_target_map, validate_args
 from splitdata import TensorSplit
 from sweep import SweepSpec, run_split
-from utils import UsageError
+from utils import UsageError, parse_eps_list
 
 NUM_CLASSES = 5
 CLASS_NAMES = ["Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil"]

@@ -263,3 +263,25 @@ def test_an_error_line_is_written_in_one_call(monkeypatch, failure, line):
     monkeypatch.setattr(sys, "stderr", Recorder())
     assert run_cli(fail, types.SimpleNamespace(debug=False)) != 0
     assert writes == [line]
+
+
+@pytest.mark.parametrize("argv,code,fragments", [
+    (["--steps", "0"], 2, ["--steps", ">= 1"]),
+    (["--eps-list", "x"], 2, ["--eps-list", "'x'"]),
+    (["--device", "tpu"], 2, ["unknown device"]),
+    (["--splits", "bogus"], 2, ["--splits", "invalid choice"]),
+    (["--checkpoint", "{tmp}/missing.pt"], 1, ["not found"]),
+], ids=["steps", "eps", "device", "splits", "checkpoint"])
+def test_benchmark_reports_bad_input_in_one_line(capsys, tmp_path, checkpoints, argv, code, fragments):
+    """benchmarks/sweep_speed.py is not run by CI, but a wrong flag there must not cost a traceback."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import sweep_speed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    argv = ["--checkpoint", str(checkpoints["classification"]), "--out", str(tmp_path / "b.json"),
+            *[a.replace("{tmp}", str(tmp_path)) for a in argv]]
+    rc, lines = _run(sweep_speed, argv, capsys)
+    assert rc == code
+    _assert_one_error_line(lines, *fragments)
+    assert not (tmp_path / "b.json").exists()
