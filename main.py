@@ -55,6 +55,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="default: the task of --checkpoint, else classification")
     parser.add_argument("--checkpoint", default=None, help="default: <out>/checkpoints/best.pt")
     parser.add_argument("--data", default=None, help="default: the checkpoint's data, else synthetic")
+    parser.add_argument("--val-data", default=None, help="default: the checkpoint's --val-data, if it had one")
+    parser.add_argument("--test-data", default=None, help="default: the checkpoint's --test-data, if it had one")
     parser.add_argument("--attack", default="pgd",
                         help=f"one attack or a comma list (adds a worst-case row), of: {', '.join(ATTACKS)}")
     parser.add_argument("--eps-list", nargs="+", default=None,
@@ -210,8 +212,8 @@ def load_splits(args: argparse.Namespace, ckpt: Mapping) -> dict:
     """The requested splits, built exactly as at training time (at most ``--limit`` each); the
     train split is read without augmentation, so every row sees the same images."""
     train_args = ckpt.get("args") or {}
-    datasets = build_splits(args.task, args.data, val_data=train_args.get("val_data"),
-                            test_data=train_args.get("test_data"), image_size=ckpt["image_size"],
+    datasets = build_splits(args.task, args.data, val_data=args.val_data, test_data=args.test_data,
+                            image_size=ckpt["image_size"],
                             seed=split_seed(train_args), limit=args.limit,
                             skip_missing_masks=bool(train_args.get("skip_missing_masks", False)),
                             augment_train=False)
@@ -251,7 +253,8 @@ def sweep_config(args: argparse.Namespace, ckpt: Mapping, ckpt_sha: str, engine:
         "steps": args.steps, "alpha": args.alpha if args.alpha is not None else DEFAULT_STEP_RULE,
         "random_start": args.random_start, "targeted": args.targeted,
         "target_class": args.target_class, "target_map": args.target_map,
-        "seed": args.seed, "data": args.data, "limit": args.limit,
+        "seed": args.seed, "data": args.data, "val_data": args.val_data, "test_data": args.test_data,
+        "limit": args.limit,
         "checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt_sha,
         "class_names": list(ckpt["class_names"]), "splits": list(dict.fromkeys(args.splits)),
         "eps_list": args.eps_values, "device": engine.device.type, "batch_size": args.batch_size,
@@ -364,8 +367,9 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
     ckpt, model = load_model(args, engine.device)
     refuse_earlier_sweep(args.out, resume=args.resume, overwrite=args.overwrite)
     model = prepare_model(model, engine)
-    if args.data is None:
-        args.data = (ckpt.get("args") or {}).get("data")
+    for field in ("data", "val_data", "test_data"):
+        if getattr(args, field) is None:
+            setattr(args, field, (ckpt.get("args") or {}).get(field))
     num_classes = len(ckpt["class_names"])
     target_fn = make_target_fn(args, num_classes)
     per_sample = seeded_per_sample(args, model, num_classes)

@@ -46,8 +46,10 @@ def library_versions() -> dict:
 
 def resume_fields(config: dict) -> tuple[str, ...]:
     """The config fields that decide the numbers: the batch size too when an attack draws
-    its randomness per call rather than per sample (APGD, Square, library PGD, ...)."""
-    return RESUME_FIELDS + (("batch_size",) if config.get("numbers_depend_on_batch_size") else ())
+    its randomness per call rather than per sample (APGD, Square, library PGD, ...), and the
+    separate val/test roots when there are any (so a sweep without them keeps its fingerprint)."""
+    return (RESUME_FIELDS + (("batch_size",) if config.get("numbers_depend_on_batch_size") else ())
+            + tuple(root for root in ("val_data", "test_data") if config.get(root) is not None))
 
 
 def _checklist_context(context: dict | None) -> list[str]:

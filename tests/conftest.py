@@ -143,8 +143,10 @@ def tiny_synthetic_root(tmp_path_factory) -> Path:
     return generate_synthetic(tmp_path_factory.mktemp("synthetic") / "root", per_class=6, image_size=32, seed=0)
 
 
-def write_tiny_checkpoint(path: Path, task: str, data: Path | None = None) -> Path:
-    """An untrained depth-18 checkpoint for 32 px images whose recorded data root is ``data``."""
+def write_tiny_checkpoint(path: Path, task: str, data: Path | None = None, val_data: Path | None = None,
+                          test_data: Path | None = None) -> Path:
+    """An untrained depth-18 checkpoint for 32 px images whose recorded data roots are ``data``
+    (and the separate ``val_data`` and ``test_data``, if given)."""
     import torch
 
     from checkpoint import save_checkpoint
@@ -155,7 +157,8 @@ def write_tiny_checkpoint(path: Path, task: str, data: Path | None = None) -> Pa
     stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
     torch.manual_seed(0)
     model = build_model(task, 18, len(names), **stats).eval()
-    args = {"data": str(data) if data is not None else None, "val_data": None, "test_data": None, "seed": 0,
+    as_text = lambda root: str(root) if root is not None else None  # noqa: E731
+    args = {"data": as_text(data), "val_data": as_text(val_data), "test_data": as_text(test_data), "seed": 0,
             "image_size": 32, "skip_missing_masks": False}
     save_checkpoint(path, model, task=task, depth=18, class_names=names, image_size=32, args=args, **stats)
     return path

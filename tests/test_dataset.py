@@ -254,7 +254,8 @@ def test_main_reads_the_train_split_without_augmentation(segmentation_root):
 
     from main import load_splits
 
-    args = argparse.Namespace(task="segmentation", data=str(segmentation_root), limit=None, splits=["train"])
+    args = argparse.Namespace(task="segmentation", data=str(segmentation_root), val_data=None, test_data=None,
+                              limit=None, splits=["train"])
     train = load_splits(args, {"image_size": 24, "args": {"seed": 0}})["train"]
     augmenting = D.build_splits("segmentation", segmentation_root, image_size=24)["train"]
     assert len(train.transform.transforms) == len(D.build_transform("segmentation", 24, train=False).transforms)
@@ -274,7 +275,8 @@ def test_a_data_folder_changed_since_training_is_refused(classification_root):
     trained = D.build_splits("classification", classification_root, image_size=16, seed=0)
     ckpt = {"image_size": 16, "args": {"seed": 0},
             "split_digests": {name: split.split_digest for name, split in trained.items()}}
-    args = argparse.Namespace(task="classification", data=str(classification_root), limit=2, splits=["val", "test"],
+    args = argparse.Namespace(task="classification", data=str(classification_root), val_data=None, test_data=None,
+                              limit=2, splits=["val", "test"],
                               checkpoint="ckpt.pt")
     assert len(load_splits(args, ckpt)["test"]) <= 2  # the digest is of the whole split, whatever --limit
     save_image(classification_root / "Neutrophil" / "added_99.png", cell_image(cell_grey_mask(24, 24)))
@@ -296,7 +298,8 @@ def test_main_splits_with_the_split_seed_and_old_checkpoints_with_their_seed(cla
 
     from main import load_splits
 
-    args = argparse.Namespace(task="classification", data=str(classification_root), limit=None, splits=["test"])
+    args = argparse.Namespace(task="classification", data=str(classification_root), val_data=None, test_data=None,
+                              limit=None, splits=["test"])
     tests = {seed: [p for p, _ in D.build_splits("classification", classification_root, image_size=16,
                                                   seed=seed)["test"].samples] for seed in (0, 1)}
     assert tests[0] != tests[1]

@@ -9,6 +9,7 @@ import pytest
 import main as sweep_cli
 from conftest import write_tiny_checkpoint
 from dataset import build_splits
+from report import config_fingerprint
 from test_cli_errors import _assert_one_error_line, _run, assert_sweep_usage_error
 import utils
 from utils import run_cli, segmentation_metrics
@@ -179,3 +180,40 @@ def test_a_streamed_split_with_no_example_to_show_sweeps(tmp_path, capsys, make_
         rows[name] = [{k: v for k, v in row.items() if k != "seconds"}
                       for row in json.loads((out / "results.json").read_text())["rows"]]
     assert rows["streamed"] == rows["in-memory"] and len(rows["streamed"]) == 2
+
+
+def test_separate_val_and_test_roots_come_from_the_checkpoint_and_can_be_moved(tmp_path, capsys,
+                                                                              make_classification_data):
+    """A model trained with --val-data/--test-data is attacked on those roots; once the data has
+    moved (another machine, another cwd), main.py's own --val-data/--test-data point at it."""
+    train_root = make_classification_data(name="Train")
+    val_root = make_classification_data({"Basophil": 2, "Neutrophil": 3}, name="Val")
+    test_root = make_classification_data({"Eosinophil": 4, "Lymphocyte": 2}, name="Test")
+    checkpoint = write_tiny_checkpoint(tmp_path / "cls.pt", "classification", train_root, val_root, test_root)
+    argv = ["--checkpoint", str(checkpoint), "--device", "cpu", "--eps-list", "0", "--steps", "1", "--no-checks"]
+
+    def sweep(out: str, *extra: str) -> tuple[int, list[str]]:
+        return _run(sweep_cli, [*argv, "--out", str(tmp_path / out), *extra], capsys)
+
+    rc, lines = sweep("from-checkpoint")
+    assert rc == 0, lines
+    config = json.loads((tmp_path / "from-checkpoint" / "results.json").read_text())["config"]
+    assert (config["val_data"], config["test_data"]) == (str(val_root), str(test_root))
+    n = {row["split"]: row["n"] for row in json.loads((tmp_path / "from-checkpoint" / "results.json")
+                                                       .read_text())["rows"]}
+    assert n == {"val": 5, "test": 6}
+
+    moved = test_root.rename(tmp_path / "elsewhere")
+    rc, lines = sweep("gone")
+    assert rc == 1
+    _assert_one_error_line(lines, "--test-data", "does not exist")
+    rc, lines = sweep("moved", "--test-data", str(moved))
+    assert rc == 0, lines
+    saved = json.loads((tmp_path / "moved" / "results.json").read_text())
+    assert saved["config"]["test_data"] == str(moved) and saved["config"]["val_data"] == str(val_root)
+    assert {row["split"]: row["n"] for row in saved["rows"]} == n
+    # --resume refuses to mix rows of two test roots; sweeps without separate roots keep their fingerprint.
+    assert config_fingerprint(saved["config"]) != config_fingerprint(config)
+    without_roots = {key: value for key, value in config.items() if key not in ("val_data", "test_data")}
+    assert config_fingerprint({**without_roots, "val_data": None, "test_data": None}) == \
+        config_fingerprint(without_roots)
