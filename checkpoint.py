@@ -191,6 +191,13 @@ def split_seed(train_args: Mapping) -> int:
     return train_args.get("split_seed", train_args.get("seed", 0))
 
 
+def data_roots(train_args: Mapping, **given: str | None) -> dict[str, str | None]:
+    """The run's ``data``, ``val_data`` and ``test_data`` roots as training stored them (as typed),
+    each replaced by the one ``given`` where that is not None (the data has moved since)."""
+    return {field: given.get(field) if given.get(field) is not None else train_args.get(field)
+            for field in ("data", "val_data", "test_data")}
+
+
 def _bad_field(path: Path, field: str, value: Any, expected: str) -> CheckpointError:
     shown = type(value).__name__ if isinstance(value, (dict, torch.Tensor)) else repr(value)[:60]
     return CheckpointError(f"checkpoint {path} is corrupt: field {field} is {shown}, expected {expected}; "

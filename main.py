@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from attacks import ATTACKS, Attack, attack_info, build_attack, fast_spec
-from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, split_seed
+from checkpoint import data_roots, file_sha256, load_checkpoint, model_from_checkpoint, split_seed
 from checks import CheckSettings, run_checks
 from compare import compare, load_runs, setting_differences
 from dataset import CLASS_NAMES, build_splits, training_copies_notes
@@ -367,9 +367,8 @@ def run_sweep(args: argparse.Namespace, dist: Dist, engine: Engine) -> Report:
     ckpt, model = load_model(args, engine.device)
     refuse_earlier_sweep(args.out, resume=args.resume, overwrite=args.overwrite)
     model = prepare_model(model, engine)
-    for field in ("data", "val_data", "test_data"):
-        if getattr(args, field) is None:
-            setattr(args, field, (ckpt.get("args") or {}).get(field))
+    roots = data_roots(ckpt.get("args") or {}, data=args.data, val_data=args.val_data, test_data=args.test_data)
+    args.data, args.val_data, args.test_data = roots["data"], roots["val_data"], roots["test_data"]
     num_classes = len(ckpt["class_names"])
     target_fn = make_target_fn(args, num_classes)
     per_sample = seeded_per_sample(args, model, num_classes)

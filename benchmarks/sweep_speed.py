@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attacks import build_attack  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint, split_seed  # noqa: E402
+from checkpoint import data_roots, load_checkpoint, model_from_checkpoint, split_seed  # noqa: E402
 from dataset import build_splits, make_loader  # noqa: E402
 from engine import Engine, prepare_model  # noqa: E402
 from splitdata import load_split  # noqa: E402
@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", default=None, help="default: the checkpoint's data")
+    parser.add_argument("--val-data", default=None, help="default: the checkpoint's --val-data, if it had one")
+    parser.add_argument("--test-data", default=None, help="default: the checkpoint's --test-data, if it had one")
     parser.add_argument("--eps-list", nargs="+", default=None, help="default: main.py's 8 (classification) or 6")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -197,8 +199,9 @@ def main(args: argparse.Namespace) -> dict:
     task, class_names = ckpt["task"], list(ckpt["class_names"])
     train_args = ckpt.get("args") or {}
     eps_list = parse_eps_list(args.eps_list or DEFAULT_EPS[task].split())
-    datasets = build_splits(task, args.data or train_args.get("data"), train_args.get("val_data"),
-                            train_args.get("test_data"), image_size=ckpt["image_size"], seed=split_seed(train_args),
+    roots = data_roots(train_args, data=args.data, val_data=args.val_data, test_data=args.test_data)
+    datasets = build_splits(task, roots["data"], roots["val_data"], roots["test_data"],
+                            image_size=ckpt["image_size"], seed=split_seed(train_args),
                             skip_missing_masks=bool(train_args.get("skip_missing_masks", False)))
     datasets = {split: datasets[split] for split in args.splits}
     with torch.no_grad():  # warm up kernels for both memory formats; each side then loads its own model

@@ -197,10 +197,9 @@ def test_separate_val_and_test_roots_come_from_the_checkpoint_and_can_be_moved(t
 
     rc, lines = sweep("from-checkpoint")
     assert rc == 0, lines
-    config = json.loads((tmp_path / "from-checkpoint" / "results.json").read_text())["config"]
+    first = json.loads((tmp_path / "from-checkpoint" / "results.json").read_text())
+    config, n = first["config"], {row["split"]: row["n"] for row in first["rows"]}
     assert (config["val_data"], config["test_data"]) == (str(val_root), str(test_root))
-    n = {row["split"]: row["n"] for row in json.loads((tmp_path / "from-checkpoint" / "results.json")
-                                                       .read_text())["rows"]}
     assert n == {"val": 5, "test": 6}
 
     moved = test_root.rename(tmp_path / "elsewhere")
