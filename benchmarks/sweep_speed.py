@@ -174,18 +174,31 @@ def default_engine(ckpt, datasets, task, class_names, eps_list, args, device, au
 
 
 def machine_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model with ``-bf16`` where it has native bf16 (models of one
-    name differ in it, and with it in the engine's ``--precision auto``), and the thread count."""
+    """The GPU's name, or the CPU's model name, its family and model numbers where
+    /proc/cpuinfo has them (a virtual machine calls Zen 4 and Zen 5 both "AMD EPYC"), ``-bf16``
+    where bf16 is native (it sets the engine's ``--precision auto``), and the thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).lower().replace(" ", "-")
     cpu = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-        cpu = model.lower().replace(" ", "-")
-    except (OSError, StopIteration):
-        pass
+    info = _cpuinfo()
+    if "model name" in info:
+        cpu = info["model name"].lower().replace(" ", "-")
+    if info.get("cpu family", "").isdigit() and info.get("model", "").isdigit():
+        cpu += f"-f{info['cpu family']}m{info['model']}"
     return f"{cpu}{'-bf16' if cpu_has_native_bf16() else ''}-{torch.get_num_threads()}threads"
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def main(args: argparse.Namespace) -> dict:
