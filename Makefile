@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 ## Train a small classifier and segmenter on the synthetic sample (replacing an earlier demo run),
 ## then sweep PGD on the classifier and PGD, SegPGD and CosPGD on the segmenter, with the checklist.
 demo: install
-	$(PY) train.py --task classification --depth 18 --image-size 64 --epochs 20 --overwrite
+	$(PY) train.py --task classification --depth 18 --image-size 64 --epochs 10 --overwrite
 	$(PY) main.py --task classification --attack pgd --eps-list $(EPS) --limit 64 --check-limit 32 --overwrite
 	$(PY) train.py --task segmentation --depth 18 --image-size 96 --epochs 6 --limit 300 --overwrite
 	$(PY) main.py --task segmentation --attack pgd,segpgd,cospgd --eps-list $(EPS) --limit 24 --check-limit 8 --overwrite

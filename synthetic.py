@@ -39,6 +39,10 @@ GENERATOR_VERSION = 1  # bump when the drawing changes so ensure_synthetic regen
 MASK_GREY = np.array([0, 128, 255], dtype=np.uint8)  # label 0/1/2 -> grey value on disk
 JPEG_QUALITY = 95
 REFERENCE_SIZE = 128  # all lengths below are in pixels of a 128 px frame
+# 400 per class gives test and val splits of 300 images. With 200 (150 test images), a ResNet18
+# whose accuracy on 1,500 fresh images is 0.97-0.98 scored 0.940-0.973 on the test split,
+# depending on its seed and the CPU's float rounding: too coarse for the figures users compare.
+DEFAULT_PER_CLASS = 400
 
 # Cell radius (mean, std, min, max) and nucleus share of the cell area (min, max) per class,
 # measured on real Raabin-WBC segmentation crops rescaled to 128 px.
@@ -386,7 +390,8 @@ def _replace_dir(new: Path, root: Path) -> None:
         shutil.rmtree(old)
 
 
-def generate_synthetic(root: Path, per_class: int = 200, image_size: int = 128, seed: int = 0) -> Path:
+def generate_synthetic(root: Path, per_class: int = DEFAULT_PER_CLASS, image_size: int = 128,
+                       seed: int = 0) -> Path:
     """Write the dataset to ``root`` (replacing an older synthetic one) and return ``root``.
 
     Everything goes to a temporary sibling folder that is renamed into place at the end, with
@@ -426,7 +431,8 @@ def _generation_lock(root: Path) -> Iterator[None]:
         yield
 
 
-def ensure_synthetic(root: Path | None = None, per_class: int = 200, image_size: int = 128, seed: int = 0) -> Path:
+def ensure_synthetic(root: Path | None = None, per_class: int = DEFAULT_PER_CLASS, image_size: int = 128,
+                     seed: int = 0) -> Path:
     """Return ``root`` (default ``DEFAULT_ROOT``), generating it first if missing or made differently."""
     root = Path(root) if root is not None else DEFAULT_ROOT
     wanted = _parameters(per_class, image_size, seed)
@@ -473,7 +479,7 @@ def save_preview_grid(root: Path, out_png: Path, per_class: int = 5) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate a synthetic Raabin-WBC-like dataset.")
     parser.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="dataset root folder")
-    parser.add_argument("--per-class", type=int, default=200, help="images per class")
+    parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help="images per class")
     parser.add_argument("--image-size", type=int, default=128, help="square image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, default=None, help="also save a preview grid PNG here")

@@ -59,6 +59,15 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(dataset: Path, tmp_p
     assert [k for k in reference if k.endswith(".jpg") and other_files[k] != reference[k]]
 
 
+def test_a_larger_sample_starts_with_the_smaller_one(dataset: Path, tmp_path: Path) -> None:
+    """Each image has its own seed: the default of 400 per class holds the earlier 200 unchanged."""
+    larger = _files(generate_synthetic(tmp_path / "larger", PER_CLASS + 2, SIZE, seed=1))
+    smaller = _files(dataset)
+    images = [name for name in smaller if name.endswith((".jpg", ".png"))]
+    assert images and all(larger[name] == smaller[name] for name in images)
+    assert len([name for name in larger if name.endswith((".jpg", ".png"))]) == len(images) * (PER_CLASS + 2) // PER_CLASS
+
+
 def test_render_cell_shapes_labels_and_class_sizes() -> None:
     rng = np.random.default_rng(0)
     nucleus_share = {}
