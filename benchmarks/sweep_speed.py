@@ -11,7 +11,7 @@
 Both run PGD-10 with alpha = 2.5*eps/steps and no random start, on the same checkpoint and
 splits. For each eps it prints both metrics, both times and their ratio; then each side's
 peak RSS and its growth over the RSS it started from (each side starts from a trimmed heap).
-It writes ``benchmarks/results/<machine>-<task>.json``. Not run by CI.
+It writes ``benchmarks/results/<machine>-<task>-<size>px.json``. Not run by CI.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--no-fold-batchnorm", action="store_true", help="run the engine as main.py --no-fold-batchnorm")
-    parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>-<task>.json")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<machine>-<task>-<size>px.json")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -188,6 +188,12 @@ def machine_name(device: torch.device) -> str:
     return f"{cpu}{'-bf16' if cpu_has_native_bf16() else ''}-{torch.get_num_threads()}threads"
 
 
+def results_name(device: torch.device, task: str, image_size: int) -> str:
+    """The results file's name: the machine, the task and the image size (checkpoints of one task
+    at two sizes, such as the 96 and 128 px classifiers, must not overwrite each other's figures)."""
+    return f"{machine_name(device)}-{task}-{image_size}px.json"
+
+
 def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     try:
@@ -246,7 +252,7 @@ def main(args: argparse.Namespace) -> dict:
               "loop": loop, "engine": fast, "total_loop_s": total_loop, "total_engine_s": total_fast,
               "ratio": total_loop / total_fast, "peak_rss_mb": {"loop": loop_peak, "engine": fast_peak},
               "rss_growth_mb": {"loop": loop_growth, "engine": fast_growth}}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{machine_name(device)}-{task}.json")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / results_name(device, task, ckpt["image_size"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -98,3 +98,9 @@ def test_holdout_refuses_bad_input_in_one_line(capsys, tmp_path, argv, fragment)
     rc = run_cli(holdout.main, holdout.get_args_parser().parse_args([str(tmp_path / "x.pt"), *argv]))
     lines = capsys.readouterr().err.splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+def test_results_name_keeps_two_image_sizes_apart(monkeypatch, sweep_speed):
+    monkeypatch.setattr(sweep_speed, "machine_name", lambda device: "cpu-x")
+    names = {sweep_speed.results_name(torch.device("cpu"), "classification", size) for size in (96, 128)}
+    assert names == {"cpu-x-classification-96px.json", "cpu-x-classification-128px.json"}
