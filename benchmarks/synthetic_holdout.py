@@ -33,7 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoints", nargs="+", help="classification checkpoints trained on the synthetic sample")
     parser.add_argument("--per-class", type=int, default=300, help="images per class of the fresh sample")
     parser.add_argument("--seed", type=int, default=2, help="seed of the fresh sample (the default sample's is 0)")
-    parser.add_argument("--sample", default=None, help="keep the fresh sample in this folder (default: a temporary one)")
+    parser.add_argument("--sample", default=None,
+                        help="keep the fresh sample in this folder (default: a temporary one)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -51,9 +52,9 @@ def holdout_metrics(checkpoint: str, sample: Path, batch_size: int) -> dict:
     for images, target in make_loader(data, batch_size, train=False):
         cm.update(target, model(images).argmax(1))
     metrics = classification_metrics(cm.mat, class_names)
-    right, total = int(cm.mat.diag().sum()), int(cm.mat.sum())
-    low, high = wilson_interval(right, total)
-    return {"images": total, "accuracy": metrics["accuracy"], "ci95": (low, high),
+    total = int(cm.mat.sum())
+    return {"images": total, "accuracy": metrics["accuracy"],
+            "ci95": wilson_interval(int(cm.mat.diag().sum()), total),
             "recall": {name: metrics[f"recall_{name.lower()}"] for name in class_names}}
 
 

@@ -23,6 +23,7 @@ def _benchmark(name: str):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
+
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 25

@@ -65,7 +65,8 @@ def test_a_larger_sample_starts_with_the_smaller_one(dataset: Path, tmp_path: Pa
     smaller = _files(dataset)
     images = [name for name in smaller if name.endswith((".jpg", ".png"))]
     assert images and all(larger[name] == smaller[name] for name in images)
-    assert len([name for name in larger if name.endswith((".jpg", ".png"))]) == len(images) * (PER_CLASS + 2) // PER_CLASS
+    larger_images = [name for name in larger if name.endswith((".jpg", ".png"))]
+    assert len(larger_images) == len(images) * (PER_CLASS + 2) // PER_CLASS
 
 
 def test_render_cell_shapes_labels_and_class_sizes() -> None:
